@@ -224,8 +224,9 @@ class Transformer(nn.Module):
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.args.max_seq_len}")
         weight = self.tok_embeddings.weight
         for layer in self.layers:
+            # the attention's own head count: under tensor parallelism it holds only this rank's heads
             layer.attention.kv_cache = KVCache(
-                max_batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
+                max_batch_size, layer.attention.n_kv_heads, max_seq_len, self.args.head_dim,
                 dtype or weight.dtype, device or weight.device,
             )
 
