@@ -1,0 +1,33 @@
+import torch
+
+from llama.model import ModelArgs, Transformer
+from llama.quantize import Int8Linear, quantize_int8
+
+ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=256, max_seq_len=64)
+
+
+def test_int8_linear_is_the_matmul_with_the_dequantised_weight():
+    linear = torch.nn.Linear(96, 40, bias=False)
+    q = Int8Linear(linear.weight)
+    dequantised = q.weight.float() * q.scales[:, None]
+    x = torch.randn(3, 5, 96)
+    torch.testing.assert_close(q(x), x @ dequantised.T, rtol=1e-5, atol=1e-5)
+    # per-channel rounding error is at most half a step of that channel's scale
+    assert torch.all((dequantised - linear.weight).abs() <= q.scales[:, None] / 2 + 1e-7)
+
+
+def test_quantised_model_stays_close_to_float():
+    model = Transformer(ARGS).eval()
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        reference = model(tokens).log_softmax(-1)
+        quantised = quantize_int8(model)(tokens).log_softmax(-1)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7 + 1
+    assert (quantised - reference).abs().mean() < 5e-3
+
+
+def test_tied_output_gets_an_int8_copy_and_embedding_stays_float():
+    model = quantize_int8(Transformer(ModelArgs(**{**ARGS.__dict__, "tie_embeddings": True})))
+    assert isinstance(model.output, Int8Linear)
+    assert model.tok_embeddings.weight.dtype == torch.float32
