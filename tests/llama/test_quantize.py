@@ -11,7 +11,8 @@ def test_int8_linear_is_the_matmul_with_the_dequantised_weight():
     q = Int8Linear(linear.weight)
     dequantised = q.weight.float() * q.scales[:, None]
     x = torch.randn(3, 5, 96)
-    torch.testing.assert_close(q(x), x @ dequantised.T, rtol=1e-5, atol=1e-5)
+    # activations enter the CPU kernel as bf16 (8 mantissa bits)
+    torch.testing.assert_close(q(x), x @ dequantised.T, rtol=2e-2, atol=2e-2)
     # per-channel rounding error is at most half a step of that channel's scale
     assert torch.all((dequantised - linear.weight).abs() <= q.scales[:, None] / 2 + 1e-7)
 
