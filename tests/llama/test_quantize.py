@@ -32,3 +32,33 @@ def test_tied_output_gets_an_int8_copy_and_embedding_stays_float():
     model = quantize_int8(Transformer(ModelArgs(**{**ARGS.__dict__, "tie_embeddings": True})))
     assert isinstance(model.output, Int8Linear)
     assert model.tok_embeddings.weight.dtype == torch.float32
+
+
+# The documented quality cost of int8 on the real model (README): on these chat prompts, the int8 model's top
+# token agrees with fp32's at >= 90% of positions, and fp32's top token loses <= 0.15 nats of logprob on average.
+# Measured: 96.7% agreement, 0.078 mean |Δ logprob| (0.34 max).
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Explain gravity to a child.",
+    "List three colors.",
+    "def fibonacci(n):",
+]
+
+
+def test_int8_quality_cost_on_smollm2(smollm2_gguf_path):
+    from llama.checkpoint import load_model
+    from tokenizer import encode_dialog, load_tokenizer
+
+    tok = load_tokenizer(smollm2_gguf_path)
+    model = load_model(smollm2_gguf_path)
+    batches = [torch.tensor([encode_dialog(tok, [{"role": "user", "content": p}])]) for p in PROMPTS]
+    with torch.no_grad():
+        reference = [model(ids).log_softmax(-1) for ids in batches]
+        quantize_int8(model)
+        quantised = [model(ids).log_softmax(-1) for ids in batches]
+    top = [r.argmax(-1, keepdim=True) for r in reference]
+    agreement = torch.cat([(q.argmax(-1, keepdim=True) == t).flatten() for q, t in zip(quantised, top)])
+    delta = torch.cat([(r.gather(-1, t) - q.gather(-1, t)).abs().flatten() for r, q, t in zip(reference, quantised, top)])
+    assert agreement.float().mean() >= 0.9
+    assert delta.mean() <= 0.15
