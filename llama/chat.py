@@ -1,0 +1,98 @@
+"""Chat with a model in the terminal: ``python -m llama.chat [CKPT]`` (default: the embedded SmolLM2).
+
+The reply is streamed as it is generated. The conversation is kept as long as it fits the context window; when it
+no longer does, the oldest turns are dropped (and you are told). Commands: ``/system TEXT`` sets the system
+prompt (and starts over), ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) leaves; Ctrl-C stops a reply.
+Reads plain lines from stdin, so it can be driven through a pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llama.generation import Dialog, Llama
+from tokenizer import encode_dialog
+
+
+def fit_history(llama: Llama, system: list[dict], history: Dialog, max_gen_len: int) -> tuple[Dialog, int]:
+    """Drop the oldest (user, assistant) turns until the dialog leaves ``max_gen_len`` tokens of room; returns
+    the history kept and the number of turns dropped."""
+    dropped = 0
+    while len(encode_dialog(llama.tokenizer, system + history)) + max_gen_len > llama.max_seq_len:
+        if len(history) == 1:
+            raise ValueError("this message alone does not fit in the context window; try a shorter one")
+        history = history[2:]
+        dropped += 1
+    return history, dropped
+
+
+def chat(llama: Llama, system: str | None, temperature: float, top_p: float, max_gen_len: int) -> None:
+    history: Dialog = []
+    print("Chat with the model. Commands: /system TEXT, /reset, /quit (or Ctrl-D).", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            return
+        if line == "/reset":
+            history = []
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            system = line.removeprefix("/system").strip() or None
+            history = []
+            print(f"[system prompt {'set' if system else 'cleared'}; conversation reset]", file=sys.stderr)
+            continue
+
+        messages = [{"role": "system", "content": system}] if system else []
+        try:
+            history, dropped = fit_history(llama, messages, history + [{"role": "user", "content": line}], max_gen_len)
+        except ValueError as error:
+            print(f"[{error}]", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"[context full: dropped the {dropped} oldest turn(s)]", file=sys.stderr)
+
+        reply = ""
+        try:
+            for pieces in llama.stream_chat_completion([messages + history], temperature, top_p, max_gen_len):
+                print(pieces[0], end="", flush=True)
+                reply += pieces[0]
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", nargs="?", help="checkpoint folder or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument("--tokenizer_path", help="tokenizer file or folder (default: beside the checkpoint)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--max_seq_len", type=int, default=2048)
+    parser.add_argument("--max_gen_len", type=int, default=512, help="longest reply, in tokens")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.ckpt is None:
+            from llama.default_model import default_checkpoint
+
+            args.ckpt = default_checkpoint()
+        llama = Llama.build(args.ckpt, args.tokenizer_path, args.max_seq_len, max_batch_size=1, seed=args.seed)
+        chat(llama, args.system, args.temperature, args.top_p, min(args.max_gen_len, llama.max_seq_len // 2))
+    except KeyboardInterrupt:  # while loading, or a second Ctrl-C while stopping a reply
+        print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
