@@ -18,12 +18,16 @@ def main(
     max_seq_len: int = 128,
     max_gen_len: int = 48,
     max_batch_size: int = 4,
+    compile: bool = False,
+    quantize: str | None = None,
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir or default_checkpoint(),
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        compile=compile,
+        quantize=quantize,
     )
     prompts = [
         # For these prompts, the expected answer is the natural continuation of the prompt

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_seq_len", type=int, default=2048)
     parser.add_argument("--max_gen_len", type=int, default=512, help="longest reply, in tokens")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
+    parser.add_argument("--quantize", choices=["int8"], help="weight-only int8 linears")
     args = parser.parse_args(argv)
 
     try:
@@ -88,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             from llama.default_model import default_checkpoint
 
             args.ckpt = default_checkpoint()
-        llama = Llama.build(args.ckpt, args.tokenizer_path, args.max_seq_len, max_batch_size=1, seed=args.seed)
+        llama = Llama.build(
+            args.ckpt, args.tokenizer_path, args.max_seq_len, max_batch_size=1, seed=args.seed,
+            compile=args.compile, quantize=args.quantize,
+        )
         chat(llama, args.system, args.temperature, args.top_p, min(args.max_gen_len, llama.max_seq_len // 2))
     except KeyboardInterrupt:  # while loading, or a second Ctrl-C while stopping a reply
         print(file=sys.stderr)

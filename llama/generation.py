@@ -16,6 +16,8 @@ import torch
 
 from llama.checkpoint import load_model
 from llama.model import Transformer
+from llama.parallel import apply_tensor_parallel, init_tensor_parallel_mesh, local_rank, world_size
+from llama.quantize import quantize_int8
 from llama.sampling import check_sampling, sample
 from tokenizer import check_fits, encode_dialog, load_tokenizer
 
@@ -46,10 +48,27 @@ class _Settings:
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer, max_seq_len: int = 2048, max_batch_size: int = 8, seed: int = 1):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        max_seq_len: int = 2048,
+        max_batch_size: int = 8,
+        seed: int = 1,
+        compile: bool = False,
+        quantize: str | None = None,
+    ):
         """Wrap a loaded model and its tokenizer; ``max_seq_len`` (capped by the model's context) and
-        ``max_batch_size`` size the static KV cache allocated here."""
+        ``max_batch_size`` size the static KV cache allocated here.
+
+        ``compile``: the one-token decode step runs through ``torch.compile`` (CUDA graphs on GPU) over a
+        static-shape mask that spans the whole cache; prefill stays eager. ``quantize="int8"``: weight-only int8
+        linears (``llama.quantize``), applied in place to ``model``."""
         check_fits(tokenizer, model.args.vocab_size)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if quantize == "int8":
+            quantize_int8(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_seq_len = min(max_seq_len, model.args.max_seq_len)
@@ -57,6 +76,11 @@ class Llama:
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         model.setup_caches(max_batch_size, self.max_seq_len)
+        self.compiled = compile
+        self._decode_step = model
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode_step = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
 
     @staticmethod
     def build(
@@ -67,15 +91,24 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         seed: int = 1,
+        compile: bool = False,
+        quantize: str | None = None,
     ) -> Llama:
         """Load any checkpoint ``llama.checkpoint.load_model`` reads (Meta or HF folder, ``.gguf`` file) and the
         tokenizer beside it (or at ``tokenizer_path``). Defaults: CUDA in bf16 when present, else CPU in fp32.
-        Runs the same under plain ``python`` and ``torchrun --nproc_per_node 1``: no process group is needed."""
+        Under ``torchrun --nproc_per_node N`` with N > 1 the model is split over the N processes by tensor
+        parallelism (``llama.parallel``); with plain ``python`` or N = 1 no process group is created."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank())
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if world_size() > 1 and quantize:
+            raise ValueError("quantize='int8' cannot be combined with tensor parallelism (torchrun with N > 1)")
         tokenizer = load_tokenizer(tokenizer_path or ckpt_dir)
         model = load_model(ckpt_dir, device=device, dtype=dtype)
-        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
+        if world_size() > 1:
+            apply_tensor_parallel(model, init_tensor_parallel_mesh(device))
+        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, compile, quantize)
 
     # ----------------------------------------------------------------------------------------------- generate
 
@@ -290,9 +323,12 @@ class Llama:
             if all(r.done for r in rows):
                 return
             slot = prompt_len + step
-            logits = self.model(
-                next_tokens[:, None], slots[slot : slot + 1], positions[:, slot : slot + 1],
-                is_real[:, None, None, : slot + 1],
+            if self.compiled:  # one static shape for every step: the whole cache, future slots masked out
+                mask = (is_real & (slots <= slot))[:, None, None, :]
+            else:  # eager: attend over the slots written so far only
+                mask = is_real[:, None, None, : slot + 1]
+            logits = self._decode_step(
+                next_tokens[:, None], slots[slot : slot + 1], positions[:, slot : slot + 1], mask
             )[:, -1]
 
     def _stop_string_seen(self, row: _Row, stop: list[str]) -> bool:

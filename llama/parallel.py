@@ -22,6 +22,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init_tensor_parallel_mesh(device: torch.device) -> DeviceMesh:
     """The process group and 1-D mesh for a ``torchrun --nproc_per_node N`` launch (gloo on CPU, NCCL on CUDA)."""
     if not dist.is_initialized():

@@ -19,15 +19,20 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()  # (out_features, in_features)
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(weight.dtype))
+        # Scales are stored in the dtype the matmul takes them in (bf16 for the CPU kernel: casting a buffer
+        # inside a compiled graph trips Inductor's lowering of it), and the weight is rounded against the
+        # stored scale, so each element is off by at most half a step.
+        scale_dtype = torch.bfloat16 if weight.device.type == "cpu" else weight.dtype
+        scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127).to(scale_dtype)
+        quantised = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", quantised)
+        self.register_buffer("scales", scales)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel takes 2-D input
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(torch.bfloat16))
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 

@@ -32,5 +32,8 @@ def sample(
     # Nucleus: keep the smallest prefix whose mass reaches top_p (the token that crosses it is kept).
     mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
     probs_sorted[mass_before > top_p] = 0.0
-    choice = torch.multinomial(probs_sorted, num_samples=1, generator=generator)  # renormalises itself
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p), like
+    # torch.multinomial, but without a host synchronisation (which multinomial's checks need on CUDA).
+    race = torch.empty_like(probs_sorted).exponential_(generator=generator)
+    choice = (probs_sorted / race).argmax(dim=-1, keepdim=True)
     return order.gather(-1, choice).squeeze(-1)

@@ -4,6 +4,8 @@ Tiny models are random (built by transformers and read through our loader) with 
 "successor" model is wired by hand to emit a chosen byte cycle, which makes stops and multi-byte characters
 happen on purpose. The real SmolLM2 checks its first tokens against transformers on the same GGUF."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -250,3 +252,15 @@ def test_smollm2_streams_cjk_and_emoji_whole(smollm2, smollm2_answers):
         assert not any("\ufffd" in p for p in pieces[:-1])  # only a length cut may leave a half character
     assert any("\u3040" <= c <= "\u30ff" for c in whole[0])  # kana
     assert any(ord(c) >= 0x1F300 for c in whole[1])  # emoji
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_gives_the_eager_tokens(quantize):
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, max_seq_len=64))
+    model.init_weights(std=0.3, seed=0)
+    prompts = [TOK.encode(p, bos=True) for p in PROMPTS]
+    eager = Llama(copy.deepcopy(model), TOK, max_seq_len=64, max_batch_size=4, quantize=quantize)
+    compiled = Llama(model, TOK, max_seq_len=64, max_batch_size=4, quantize=quantize, compile=True)
+    expected, _ = eager.generate(prompts, max_gen_len=16, temperature=0)
+    assert compiled.generate(prompts, max_gen_len=16, temperature=0)[0] == expected
+    assert compiled.generate(prompts[:1], max_gen_len=16, temperature=0)[0] == expected[:1]  # another batch size

@@ -1,0 +1,106 @@
+"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP), for exact resume.
+
+``<run>/step-N/`` holds the model and optimizer (DCP, each process writing its own shards, reloadable on any
+number of processes), ``rng-rank-R.pt`` per process, and ``train_state.json`` (step, global sample counter,
+scheduler, skipped-step count). A save is written into ``step-N.tmp/``, ``train_state.json`` last, and renamed to
+``step-N/`` after every process has finished, so a crash mid-save leaves the previous checkpoint as the newest
+complete one. (Loading a pretrained model for the start of a run is ``llama.checkpoint``'s job, not this one.)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+STEP_DIR = re.compile(r"step-(\d+)")
+TRAIN_STATE = "train_state.json"
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """``step-N`` folders that finished saving, oldest first (temp folders and folders without their
+    ``train_state.json`` are leftovers of an interrupted save)."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if STEP_DIR.fullmatch(p.name) and (p / TRAIN_STATE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep: int):
+    """Collective: every process calls it."""
+    rank = dist.get_rank()
+    final, tmp = run_dir / f"step-{step}", run_dir / f"step-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+    torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
+    dist.barrier()  # every shard is on disk before the checkpoint is declared complete
+    if rank == 0:
+        (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": dist.get_world_size()}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def check_shapes(path: Path, model_sd: dict):
+    """Refuses a checkpoint whose model tensors do not have this model's names and shapes."""
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    stored = {k.removeprefix("model."): v.size for k, v in stored.items() if k.startswith("model.")}
+    ours = {k: v.shape for k, v in model_sd.items()}
+    if stored.keys() != ours.keys():
+        missing, extra = sorted(ours.keys() - stored.keys()), sorted(stored.keys() - ours.keys())
+        raise CheckpointMismatch(
+            f"checkpoint {path} is from a different model: missing {missing[:3]}, unexpected {extra[:3]}; "
+            "use another --checkpoint.dir or the architecture it was trained with"
+        )
+    for name, shape in ours.items():
+        if tuple(stored[name]) != tuple(shape):
+            raise CheckpointMismatch(
+                f"checkpoint {path} is from a different model: {name} has shape {tuple(stored[name])} there, "
+                f"{tuple(shape)} in the configured model; use another --checkpoint.dir or the architecture it "
+                "was trained with"
+            )
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Collective: restores model, optimizer and (same world size) RNG states; returns the train state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_shapes(path, model_sd)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    train_state = json.loads((path / TRAIN_STATE).read_text())
+    rng_file = path / f"rng-rank-{dist.get_rank()}.pt"
+    if train_state["world_size"] == dist.get_world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return train_state

@@ -1,0 +1,56 @@
+"""The benchmarks run end to end in --quick mode and write complete result files (no timing is asserted).
+
+Only the eager variants run here: compiling even a tiny model costs tens of seconds on the CI machine.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(module: str, out_dir: Path, *options: str) -> dict:
+    cmd = [sys.executable, "-m", module, "--quick", "--output", str(out_dir), *options]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = out_dir.glob("*.json")
+    assert f"wrote {path}" in done.stdout
+    result = json.loads(path.read_text())
+    assert result["command"].endswith(" ".join(["--quick", "--output", str(out_dir), *options]))
+    for key in ("device", "torch", "commit", "time", "load_average"):
+        assert key in result
+    return result
+
+
+def test_generate_benchmark_compares_with_transformers(tmp_path):
+    result = run_benchmark("bench.generate", tmp_path, "--variants", "eager,int8", "--repeats", "1")
+    assert result["benchmark"] == "generate"
+    rows = result["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [
+        (v, b) for v in ("transformers", "eager", "int8") for b in (1, 8)
+    ]
+    for row in rows:
+        assert row["model"] == "tiny-random"
+        assert row["ttft_ms"] > 0 and row["warmup_s"] > 0
+        assert row["gen_tokens"] == 8  # a random model may stop early only on a stop id; greedy here does not
+        assert row["aggregate_tok_s"] == row["decode_tok_s"] * row["batch"]
+        assert row["x_vs_hf"] is not None and row["mbu"] is None  # MBU is measured on GPU only
+    hf, eager, int8 = rows[0], rows[2], rows[4]
+    assert hf["x_vs_hf"] == 1.0
+    # int8 reads about a quarter of fp32's bytes per step (plus per-channel scales and the fp32 norms)
+    assert eager["weight_bytes"] == hf["weight_bytes"] and 0.25 < int8["weight_bytes"] / eager["weight_bytes"] < 0.3
+
+
+def test_train_benchmark_matches_transformers_loss(tmp_path):
+    result = run_benchmark("bench.train", tmp_path, "--variants", "eager", "--steps", "2", "--warmup", "1")
+    assert result["benchmark"] == "train" and result["peak_flops"] is None
+    hf, ours = result["rows"]
+    assert (hf["variant"], ours["variant"]) == ("transformers", "eager")
+    for row in (hf, ours):
+        assert row["tokens_per_s"] > 0 and row["mfu"] is None
+    assert abs(ours["x_vs_hf"] - ours["tokens_per_s"] / hf["tokens_per_s"]) < 1e-9
+    # the same weights and batches: the two loops compute the same losses
+    assert abs(ours["first_loss"] - hf["first_loss"]) < 1e-4
+    assert abs(ours["last_loss"] - hf["last_loss"]) < 1e-3
