@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -388,7 +389,8 @@ def _gguf_args(reader, file: Path) -> ModelArgs:
         head_dim=head_dim,
     )
     if "rope_freqs.weight" in tensors:  # Llama 3.1
-        rope_freqs = _dequantize(tensors["rope_freqs.weight"])
+        freqs = tensors["rope_freqs.weight"]
+        rope_freqs = _dequantize(freqs.data, freqs.tensor_type)
         args = _gguf_rope_scaling(args, rope_freqs, value("rope.scaling.original_context_length"), file)
     return args
 
@@ -408,29 +410,39 @@ def _gguf_rope_scaling(args: ModelArgs, rope_freqs: torch.Tensor, original_len: 
     return scaled
 
 
-def _dequantize(t) -> torch.Tensor:
-    """A GGUF tensor as float32 (out, in); unquantised ones are read-only views of the file, so those are copied."""
-    import numpy as np
+def _dequantize(data: np.ndarray, tensor_type) -> torch.Tensor:
+    """Stored GGUF data as a writable float32 tensor (out, in)."""
     from gguf.quants import dequantize
 
-    return torch.from_numpy(np.require(dequantize(t.data, t.tensor_type), np.float32, ["C", "W"]))
+    return torch.from_numpy(np.require(dequantize(data, tensor_type), np.float32, ["C", "W"]))
 
 
 def _read_gguf(file: Path):
     reader = _open_gguf(file)
     args = _gguf_args(reader, file)
+    # What each tensor is and where it lies; the reader itself (its parsed metadata is ~1.6x the size of a small
+    # model's quantised weights) is then released before anything is dequantised.
+    infos = [(t.name, t.tensor_type, t.data.dtype, t.data.shape, t.data_offset, t.n_bytes) for t in reader.tensors]
+    del reader
     tensors = {}
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":  # already in args.rope_scaling
-            continue
-        layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
-        base = layer[2] if layer else t.name.removesuffix(".weight")
-        name = f"{GGUF_NAMES.get(base, base)}.weight"
-        name = f"layers.{layer[1]}.{name}" if layer else name
-        try:
-            tensors[name] = _dequantize(t)
-        except NotImplementedError as e:
-            raise CheckpointError(f"{file}: tensor {t.name} has unsupported type {t.tensor_type.name} ({e})") from None
+    with open(file, "rb") as f:
+        for gguf_name, tensor_type, stored_dtype, shape, offset, n_bytes in infos:
+            if gguf_name == "rope_freqs.weight":  # already in args.rope_scaling
+                continue
+            layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+            base = layer[2] if layer else gguf_name.removesuffix(".weight")
+            name = f"{GGUF_NAMES.get(base, base)}.weight"
+            name = f"layers.{layer[1]}.{name}" if layer else name
+            # read (not mmap) one tensor at a time, so the file's pages do not add to the process's memory
+            f.seek(offset)
+            data = f.read(n_bytes)
+            if len(data) != n_bytes:
+                raise CheckpointError(f"{file}: truncated: tensor {gguf_name} needs {n_bytes} bytes at offset {offset}")
+            stored = np.frombuffer(data, dtype=stored_dtype).reshape(shape)
+            try:
+                tensors[name] = _dequantize(stored, tensor_type)
+            except NotImplementedError as e:
+                raise CheckpointError(f"{file}: tensor {gguf_name} has unsupported type {tensor_type.name} ({e})") from None
     permute_qk(tensors, args, interleaved_to_half)  # llama.cpp's converter interleaves q/k rows like Meta
     return args, tensors, {name: file for name in tensors}
 
