@@ -69,6 +69,8 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep: in
         tmp.rename(final)
         for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in run_dir.glob("step-*.tmp"):  # saves a crash interrupted; never resumed from
+            shutil.rmtree(leftover, ignore_errors=True)
     dist.barrier()
 
 

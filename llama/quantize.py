@@ -45,6 +45,8 @@ def quantize_int8(model: Transformer) -> Transformer:
     """Replace every linear layer of the blocks and the output projection with ``Int8Linear``, in place.
     The input embedding stays in float: it is a lookup, read one row per token. A tied output projection gets
     its own int8 copy of the embedding matrix, since it is the largest matmul of small-vocabulary-heavy models."""
+    if isinstance(model.output, Int8Linear):  # already quantised: its int8 weights must not be quantised again
+        return model
     for block in model.layers:
         for parent in (block.attention, block.feed_forward):
             for name, child in list(parent.named_children()):

@@ -205,12 +205,18 @@ def evaluate(model, val: TokenWindows, cfg: Config, device) -> float:
     rank, world = dist.get_rank(), dist.get_world_size()
     count = min(cfg.training.eval_batches * cfg.training.global_batch_size, len(val))
     per_rank = math.ceil(count / world)  # every rank runs the same number of forwards (FSDP's gathers are collective)
-    windows = [w % len(val) for w in range(rank * per_rank, (rank + 1) * per_rank)]
+    windows = list(range(rank * per_rank, (rank + 1) * per_rank))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, windows)
     for i in range(0, per_rank, cfg.training.micro_batch_size):
         chunk = windows[i : i + cfg.training.micro_batch_size]
-        total += torch.stack([loss_on(model, val.batch(chunk).to(device)).double() * len(chunk),
-                              torch.tensor(len(chunk), dtype=torch.float64, device=device)])
+        tokens = val.batch([w % len(val) for w in chunk]).to(device)  # (bs, seq_len + 1)
+        logits = model(tokens[:, :-1])
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        per_window = per_token.view(len(chunk), -1).mean(-1)  # (bs,)
+        # windows past `count` only pad the last ranks' work: they weigh nothing, so the mean does not depend
+        # on the number of processes
+        counted = torch.tensor([w < count for w in chunk], dtype=torch.float64, device=device)
+        total += torch.stack([(per_window.double() * counted).sum(), counted.sum()])
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
@@ -223,8 +229,15 @@ def export(model, args: ModelArgs, index: ShardIndex, run_dir: Path):
             plain = Transformer(args)
         plain.load_state_dict(state, assign=True)
         plain.init_rope()
-        shutil.rmtree(run_dir / "final", ignore_errors=True)
-        save_hf(plain, run_dir / "final", tokenizer=load_tokenizer(index.tokenizer_path))
+        # written beside the previous export and swapped in, so a crash mid-export keeps the old one
+        fresh, final, stale = run_dir / "final.new", run_dir / "final", run_dir / "final.old"
+        shutil.rmtree(fresh, ignore_errors=True)
+        save_hf(plain, fresh, tokenizer=load_tokenizer(index.tokenizer_path))
+        if final.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)
+        fresh.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
 
 

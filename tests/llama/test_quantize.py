@@ -62,3 +62,13 @@ def test_int8_quality_cost_on_smollm2(smollm2_gguf_path):
     delta = torch.cat([(r.gather(-1, t) - q.gather(-1, t)).abs().flatten() for r, q, t in zip(reference, quantised, top)])
     assert agreement.float().mean() >= 0.9
     assert delta.mean() <= 0.15
+
+
+def test_quantising_twice_changes_nothing():
+    model = Transformer(ARGS).eval()
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        once = quantize_int8(model)(tokens)
+        twice = quantize_int8(model)(tokens)
+    torch.testing.assert_close(twice, once, rtol=0, atol=0)

@@ -84,6 +84,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r}
+
+
 def windows(run_dir: Path) -> dict[int, list[int]]:
     return {r["step"]: r["windows"] for r in read_metrics(run_dir) if "windows" in r}
 
@@ -114,7 +118,7 @@ def test_two_processes_learn_on_stdlib_text(run_a):
     loss = losses(run_a)
     assert len(loss) == STEPS
     assert sum(loss[s] for s in range(26, 31)) / 5 < loss[1] - 0.6  # from ln(512) = 6.24 towards ~5.3
-    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    val = val_losses(run_a)
     assert list(val) == [0, 10, 20, 30] and val[30] < val[0] - 0.5
     assert math.isclose(val[0], math.log(512), abs_tol=0.1)  # an untrained model is uniform over the vocabulary
     last = records[-1]
@@ -127,6 +131,8 @@ def test_one_process_matches_two_at_the_same_global_batch(run_a, shards, tmp_pat
     train(load_config(run_args(shards, tmp_path)))
     one, two = losses(tmp_path), losses(run_a)
     assert max(abs(one[s] - two[s]) for s in two) < 1e-5
+    val_one, val_two = (val_losses(run) for run in (tmp_path, run_a))
+    assert val_one.keys() == val_two.keys() and max(abs(val_one[s] - val_two[s]) for s in val_two) < 1e-5
     assert windows(tmp_path) == windows(run_a)
 
 
@@ -159,6 +165,7 @@ def test_kill_9_then_rerun_gives_bit_identical_weights(run_a, shards, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr and "step-29" not in result.stderr
+    assert not (tmp_path / "step-28.tmp").exists()  # the interrupted save's leftover is cleaned up
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == (run_a / "final" / "model.safetensors").read_bytes()
     assert losses(tmp_path) == losses(run_a)
 
