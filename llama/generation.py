@@ -298,7 +298,9 @@ class Llama:
         prefill_slots = slots[:prompt_len]
         causal = prefill_slots[None, :] <= prefill_slots[:, None]  # (prompt_len, prompt_len)
         mask = (causal & is_real[:, None, :prompt_len]) | torch.eye(prompt_len, dtype=torch.bool, device=self.device)
-        logits = self.model(tokens, prefill_slots, positions[:, :prompt_len], mask[:, None])
+        logits = self.model(
+            tokens, prefill_slots, positions[:, :prompt_len], mask[:, None], last_only=not prompt_logprobs
+        )
         if prompt_logprobs:  # log p(prompt[t] | prompt[:t]) for t >= 1
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
             for i, row in enumerate(rows):

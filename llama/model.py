@@ -236,8 +236,10 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (bs, seqlen, vocab_size) in the model's dtype.
+        """Logits (bs, seqlen, vocab_size) in the model's dtype; (bs, 1, vocab_size) with ``last_only``, which
+        skips the output projection of the positions a prefill does not sample from.
 
         tokens:    (bs, seqlen) token ids.
         input_pos: (seqlen,) KV-cache slots to write; None for a cache-free causal pass (training).
@@ -261,7 +263,7 @@ class Transformer(nn.Module):
         sin = self.rope_sin[positions].unsqueeze(2).to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, mask)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)

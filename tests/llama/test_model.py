@@ -85,3 +85,11 @@ def test_cache_longer_than_context_is_refused():
     model = Transformer(ModelArgs(**TINY))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         model.setup_caches(1, 65)
+
+
+def test_last_only_gives_the_last_positions_logits():
+    model = Transformer(ModelArgs(**TINY)).eval()
+    tokens = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        # the same numbers up to matmul rounding (one row vs many take different BLAS paths)
+        torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:], rtol=1e-5, atol=1e-5)
