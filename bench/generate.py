@@ -1,6 +1,6 @@
-"""Generation speed: time to first token and decode tokens/s of our ``Llama`` (eager, compiled, int8,
-compiled+int8) against transformers' ``LlamaForCausalLM.generate`` on the same weights, dtype and machine, in
-the same run.
+"""Generation speed: time to first token and decode tokens/s of our ``Llama`` (eager, compiled, int8, int4
+and their compiled forms) against transformers' ``LlamaForCausalLM.generate`` on the same weights, dtype and
+machine, in the same run.
 
     python -m bench.generate                  # CPU: SmolLM2-135M fp32, 2 threads; GPU: random Llama-3 8B and 1B, bf16
     python -m bench.generate --quick          # a tiny random model and a few tokens (what the tests run)
@@ -34,6 +34,8 @@ VARIANTS = {  # name: (compile, quantize)
     "compiled": (True, None),
     "int8": (False, "int8"),
     "compiled+int8": (True, "int8"),
+    "int4": (False, "int4"),
+    "compiled+int4": (True, "int4"),
 }
 # Random-weight shapes benchmarked on GPU (Llama 3 8B and Llama 3.2 1B).
 SHAPES = {

@@ -1,9 +1,15 @@
-"""Weight-only int8 quantisation: per-output-channel symmetric scales, activations stay in float.
+"""Weight-only quantisation: int8 with per-output-channel scales, int4 with per-group scales and zero points.
+Activations stay in float.
 
 Batch-1 decode reads every weight once per token, so halving (vs bf16) or quartering (vs fp32) the bytes read
-speeds it up about as much. On CPU the matmul is PyTorch's ``_weight_int8pack_mm``, fed bf16 activations: its
-bf16 kernel is vectorised while its fp32 one is ~10x slower (measured on AVX2). Elsewhere the weight is
-dequantised inside the matmul expression, which ``torch.compile`` fuses (as gpt-fast does).
+speeds it up about as much. The matmuls are PyTorch's packed kernels:
+- int8 on CPU: ``_weight_int8pack_mm``, fed bf16 activations (its bf16 kernel is vectorised, its fp32 one ~10x
+  slower on AVX2). Elsewhere the weight is dequantised inside the matmul expression, which ``torch.compile``
+  fuses (as gpt-fast does).
+- int4: ``_weight_int4pack_mm_for_cpu`` on CPU and the tinygemm kernel ``_weight_int4pack_mm`` on CUDA, both
+  on bf16 activations. Groups of 32 with an asymmetric (min/max) grid are the layout of GGUF's Q4_1, so a Q4_1
+  checkpoint (the embedded SmolLM2) re-quantises to the same 16 levels per group, off only by bf16 rounding of
+  the scale and zero point.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.model import Transformer
+
+QUANTIZATIONS = ("int8", "int4")
 
 
 class Int8Linear(nn.Module):
@@ -40,17 +48,74 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+class Int4Linear(nn.Module):
+    """Each group of ``group_size`` consecutive input weights of an output row is stored as q in 0..15 with a
+    bf16 scale s and zero point z: w = (q - 8) * s + z, the kernels' convention. s spans the group's min..max."""
+
+    CUDA_INNER_K_TILES = 8  # tinygemm's widest tiling: K must be a multiple of 8 * 16
+
+    def __init__(self, weight: torch.Tensor, group_size: int = 32):
+        super().__init__()
+        if not self.supports(weight, group_size):
+            raise ValueError(f"int4 kernels cannot take a {tuple(weight.shape)} weight with groups of {group_size}")
+        w = weight.detach().float()  # (out_features, in_features)
+        n, k = w.shape
+        groups = w.reshape(n, k // group_size, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (n, k // group_size)
+        scales = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16)
+        zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+        # Rounded against the stored bf16 scale and zero point, so each element is off by at most half a step.
+        offsets = (groups - zeros.float()[..., None]) / scales.float()[..., None]
+        q = (torch.round(offsets) + 8).clamp(0, 15).to(torch.int32).reshape(n, k)
+        if w.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:
+            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (n, k // 2)
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, self.CUDA_INNER_K_TILES)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor, group_size: int) -> bool:
+        n, k = weight.shape
+        if group_size not in (32, 64, 128, 256) or k % group_size:
+            return False
+        if weight.device.type == "cpu":
+            return n % 16 == 0
+        return weight.device.type == "cuda" and n % 8 == 0 and k % (cls.CUDA_INNER_K_TILES * 16) == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (tokens, in_features)
+        if x.device.type == "cpu":
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        else:
+            mm = torch.ops.aten._weight_int4pack_mm
+        out = mm(flat, self.weight, self.group_size, self.scales_and_zeros)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
 @torch.no_grad()
-def quantize_int8(model: Transformer) -> Transformer:
-    """Replace every linear layer of the blocks and the output projection with ``Int8Linear``, in place.
-    The input embedding stays in float: it is a lookup, read one row per token. A tied output projection gets
-    its own int8 copy of the embedding matrix, since it is the largest matmul of small-vocabulary-heavy models."""
-    if isinstance(model.output, Int8Linear):  # already quantised: its int8 weights must not be quantised again
+def quantize_weights(model: Transformer, method: str = "int8", group_size: int = 32) -> Transformer:
+    """Replace every linear layer of the blocks with ``Int8Linear`` or ``Int4Linear`` (``method``), in place; a
+    layer whose shape the int4 kernels cannot take gets int8. The output projection always gets int8: it decides
+    the next token directly, and GGUF's 4-bit formats keep it at 8 bits for that reason. A tied output projection
+    gets its own int8 copy of the embedding matrix. The input embedding stays in float: it is a lookup, read one
+    row per token. Quantising an already quantised model changes nothing."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {method!r}")
+    if isinstance(model.output, Int8Linear):
         return model
     for block in model.layers:
         for parent in (block.attention, block.feed_forward):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child.weight))
+                    if method == "int4" and Int4Linear.supports(child.weight, group_size):
+                        setattr(parent, name, Int4Linear(child.weight, group_size))
+                    else:
+                        setattr(parent, name, Int8Linear(child.weight))
     model.output = Int8Linear(model.output.weight if model.output is not None else model.tok_embeddings.weight)
     return model

@@ -254,7 +254,7 @@ def test_smollm2_streams_cjk_and_emoji_whole(smollm2, smollm2_answers):
     assert any(ord(c) >= 0x1F300 for c in whole[1])  # emoji
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_compiled_decode_gives_the_eager_tokens(quantize):
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, max_seq_len=64))
     model.init_weights(std=0.3, seed=0)
@@ -264,3 +264,19 @@ def test_compiled_decode_gives_the_eager_tokens(quantize):
     expected, _ = eager.generate(prompts, max_gen_len=16, temperature=0)
     assert compiled.generate(prompts, max_gen_len=16, temperature=0)[0] == expected
     assert compiled.generate(prompts[:1], max_gen_len=16, temperature=0)[0] == expected[:1]  # another batch size
+
+
+def test_compiled_models_in_one_process_keep_their_own_graphs():
+    # The compiled step skips Dynamo's guards on the module's tensors; a second model (another shape, another
+    # quantisation) must still get graphs of its own rather than the first model's.
+    prompts = [TOK.encode(p, bos=True) for p in PROMPTS[:2]]
+    outputs = []
+    for dim, quantize in [(64, None), (96, "int8")]:
+        model = Transformer(ModelArgs(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, max_seq_len=64))
+        model.init_weights(std=0.3, seed=dim)
+        eager = Llama(copy.deepcopy(model), TOK, max_seq_len=64, max_batch_size=2, quantize=quantize)
+        compiled = Llama(model, TOK, max_seq_len=64, max_batch_size=2, quantize=quantize, compile=True)
+        expected, _ = eager.generate(prompts, max_gen_len=12, temperature=0)
+        assert compiled.generate(prompts, max_gen_len=12, temperature=0)[0] == expected
+        outputs.append(expected)
+    assert outputs[0] != outputs[1]
