@@ -16,11 +16,13 @@ import copy
 import statistics
 import tempfile
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import fire
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from bench.common import print_table, timed, timed_in_turns, write_result
 from llama.checkpoint import load_model, save_hf
@@ -51,25 +53,30 @@ def hf_step(folder: Path, cfg: Config, device: torch.device):
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, fused=device.type == "cuda",
+        lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, fused=True,  # as transformers' Trainer defaults to
     )
     # bf16 compute over fp32 weights on GPU, as FSDP's mixed precision gives ours
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return training_step(lambda ids: model(input_ids=ids).logits, model, optimizer, cfg, autocast)
+
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=tokens[:, :-1]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+    return training_step(loss, model, optimizer, cfg, autocast)
 
 
 def our_step(folder: Path, cfg: Config, device: torch.device, mesh):
-    """Our training step, prepared by ``llama.train`` (compile per block, FSDP over this one process)."""
+    """Our training step, prepared by ``llama.train`` (compile per block; FSDP on GPU, none for one CPU process)."""
     model = parallelize(load_model(folder, dtype=torch.float32).to(device).train(), mesh, cfg, device)
-    return training_step(model, model, build_optimizer(model, cfg, device), cfg)
+    return training_step(partial(loss_on, model), model, build_optimizer(model, cfg, device), cfg)
 
 
-def training_step(forward, model, optimizer, cfg: Config, autocast=nullcontext()):
+def training_step(loss_on_tokens, model, optimizer, cfg: Config, autocast=nullcontext()):
     """One step as ``llama.train`` takes it: fp32 cross-entropy, backward, clipping, AdamW; returns the loss."""
 
     def step(tokens: torch.Tensor) -> float:
         with autocast:
-            loss = loss_on(forward, tokens)
+            loss = loss_on_tokens(tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
         optimizer.step()

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.loss import linear_cross_entropy
+
 
 @dataclass
 class ModelArgs:
@@ -237,9 +239,12 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (bs, seqlen, vocab_size) in the model's dtype; (bs, 1, vocab_size) with ``last_only``, which
-        skips the output projection of the positions a prefill does not sample from.
+        skips the output projection of the positions a prefill does not sample from. With ``targets``
+        (bs, seqlen) next-token ids: their mean cross-entropy in fp32 instead, computed chunk by chunk without
+        ever holding all the logits (``llama.loss``).
 
         tokens:    (bs, seqlen) token ids.
         input_pos: (seqlen,) KV-cache slots to write; None for a cache-free causal pass (training).
@@ -264,6 +269,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, mask)
         h = self.norm(h[:, -1:] if last_only else h)
+        if targets is not None:
+            weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+            return linear_cross_entropy(h, weight, targets)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)

@@ -1,0 +1,58 @@
+"""Cross-entropy of the output projection computed in chunks of tokens, so the (tokens, vocab_size) logits never
+exist whole.
+
+Unfused, N tokens make N × vocab fp32 logits (4.2 GB for 8192 tokens of Llama 3's 128k vocabulary), then as much
+again for the log-probs and for their gradient. Here each chunk's logits become its loss and, in place, its
+gradient (softmax minus one-hot), which is multiplied straight into the gradients of the hidden states and of the
+weight; backward only scales those. The matmuls are the unfused loss's three (logits, and the two gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logit elements per chunk. On CPU 16 MB of fp32 stays under glibc's mmap threshold, so each chunk reuses the last
+# one's memory instead of faulting in fresh pages; on GPU the chunk is large enough to keep the matmuls efficient.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int):
+        # hidden (n, dim), weight (vocab_size, dim), targets (n,)
+        n = hidden.shape[0]
+        loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are taken in fp32
+        loss = torch.zeros((), dtype=loss_dtype, device=hidden.device)
+        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_grads else None
+        grad_weight = torch.zeros_like(weight) if want_grads else None
+        for start in range(0, n, chunk_tokens):
+            h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+            logits = (h @ weight.T).to(loss_dtype)  # (chunk, vocab_size)
+            target_logits = logits.gather(1, t[:, None])  # (chunk, 1)
+            top = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place of the logits
+            total = exp.sum(dim=-1, keepdim=True)
+            loss += (total.log() + top - target_logits).sum()  # logsumexp - target logit
+            if want_grads:
+                grad = exp.div_(total * n)  # softmax, of the mean over all n tokens
+                grad[torch.arange(len(t), device=t.device), t] -= 1 / n
+                grad = grad.to(hidden.dtype)
+                torch.matmul(grad, weight, out=grad_hidden[start : start + chunk_tokens])
+                grad_weight.addmm_(grad.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, in fp32 (fp64 for fp64 inputs).
+
+    hidden: (..., dim); weight: (vocab_size, dim); targets: (...) token ids."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    chunk_tokens = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 1 << 28) // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)

@@ -1,0 +1,52 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama.loss
+from llama.loss import linear_cross_entropy
+from llama.model import ModelArgs, Transformer
+
+
+def unfused(hidden, weight, targets):
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 30, 300 * 50])  # one chunk; uneven chunks of 50 tokens
+def test_loss_and_gradients_equal_the_unfused_cross_entropy(monkeypatch, chunk_elements):
+    monkeypatch.setitem(llama.loss.CHUNK_ELEMENTS, "cpu", chunk_elements)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 70, 32, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(300, 32, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(300, (3, 70), generator=generator)
+    (2 * linear_cross_entropy(hidden, weight, targets)).backward()  # the upstream gradient is applied
+    ours = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    (2 * unfused(hidden, weight, targets)).backward()
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), unfused(hidden, weight, targets))
+    torch.testing.assert_close(ours[0], hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours[1], weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_stays_within_bf16_rounding_of_the_fp32_loss():
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(256, 64, generator=generator), torch.randn(1000, 64, generator=generator) / 8
+    targets = torch.randint(1000, (256,), generator=generator)
+    reference = unfused(hidden, weight, targets)
+    assert abs(linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), targets) - reference) < 2e-2
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_model_with_targets_trains_like_logits_then_cross_entropy(tie_embeddings):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=200, multiple_of=32, max_seq_len=32,
+                     tie_embeddings=tie_embeddings)
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    tokens = torch.randint(200, (2, 17), generator=torch.Generator().manual_seed(1))
+    model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    fused = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
