@@ -26,6 +26,11 @@ from torch import nn
 
 from llama.loss import linear_cross_entropy
 
+try:  # optional, CUDA only: pip install flash-attn
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
 
 @dataclass
 class ModelArgs:
@@ -112,6 +117,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def use_flash_attn(q: torch.Tensor) -> bool:
+    """flash-attn serves the cache-free causal pass (training, evaluation) when it is installed, on CUDA in
+    half precision; SDPA serves everything else, including the masked, left-padded cache of generation."""
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 class KVCache(nn.Module):
     """Static key/value cache for one layer; ``update`` writes at cache slots and returns the whole cache."""
 
@@ -145,6 +156,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is None and use_flash_attn(q):  # takes (bs, seqlen, heads, head_dim) and GQA as they are
+            out = flash_attn_func(q, k, v, causal=True)  # (bs, seqlen, n_heads, head_dim)
+            return self.wo(out.reshape(bs, seqlen, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
 
         if input_pos is None:  # training: the sequence attends to itself causally

@@ -4,6 +4,7 @@ test_checkpoint.py, where HF weights are loaded through the readers."""
 import pytest
 import torch
 
+import llama.model
 from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64)
@@ -93,3 +94,18 @@ def test_last_only_gives_the_last_positions_logits():
     with torch.no_grad():
         # the same numbers up to matmul rounding (one row vs many take different BLAS paths)
         torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and llama.model.flash_attn_func is not None),
+                    reason="needs CUDA and the optional flash-attn package")
+def test_flash_attn_gives_sdpas_logits_within_bf16_tolerance(monkeypatch):
+    args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, max_seq_len=128)
+    with torch.device("cuda"):
+        model = Transformer(args).to(torch.bfloat16)
+    model.init_weights(seed=0)
+    tokens = torch.randint(512, (2, 100), device="cuda")
+    with torch.no_grad():
+        flash = model(tokens).float()
+        monkeypatch.setattr(llama.model, "flash_attn_func", None)  # the SDPA path
+        sdpa = model(tokens).float()
+    torch.testing.assert_close(flash, sdpa, rtol=2e-2, atol=2e-2)
