@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from llama.generation import Dialog, Llama
+from llama.quantize import QUANTIZATIONS
 from tokenizer import encode_dialog
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_gen_len", type=int, default=512, help="longest reply, in tokens")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only int8 or grouped int4 linears")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only int8 or grouped int4 linears")
     args = parser.parse_args(argv)
 
     try:

@@ -17,7 +17,7 @@ import torch
 from llama.checkpoint import load_model
 from llama.model import Transformer
 from llama.parallel import apply_tensor_parallel, init_tensor_parallel_mesh, local_rank, world_size
-from llama.quantize import QUANTIZATIONS, quantize_weights
+from llama.quantize import quantize_weights
 from llama.sampling import check_sampling, sample
 from tokenizer import check_fits, encode_dialog, load_tokenizer
 
@@ -65,10 +65,8 @@ class Llama:
         static-shape mask that spans the whole cache; prefill stays eager. ``quantize="int8"`` or ``"int4"``:
         weight-only quantised linears (``llama.quantize``), applied in place to ``model``."""
         check_fits(tokenizer, model.args.vocab_size)
-        if quantize not in (None, *QUANTIZATIONS):
-            raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
-        if quantize:
-            quantize_weights(model, quantize)
+        if quantize is not None:
+            quantize_weights(model, quantize)  # refuses an unknown method
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_seq_len = min(max_seq_len, model.args.max_seq_len)

@@ -125,7 +125,8 @@ def _selective_policy(ctx, op, *args, **kwargs):
 
 
 def parallelize(model: Transformer, mesh, cfg: Config, device: torch.device) -> Transformer:
-    """Activation checkpointing and compilation per block, then FSDP2 per block and at the root."""
+    """Activation checkpointing and compilation per block, then FSDP2 per block and at the root (not for a single
+    CPU process)."""
     train = cfg.training
     for i, block in enumerate(model.layers):
         if train.activation_checkpointing == "full":
@@ -136,12 +137,12 @@ def parallelize(model: Transformer, mesh, cfg: Config, device: torch.device) -> 
         if train.compile:
             block.compile(fullgraph=True)
         model.layers[i] = block
+    if mesh.size() == 1 and device.type == "cpu":
+        return model  # nothing to shard over; FSDP's hooks would cost ~15% of a CPU step (measured by bench.train)
     if device.type == "cuda" and train.mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
-    if mesh.size() == 1 and device.type == "cpu":
-        return model  # nothing to shard over; FSDP's hooks would cost ~15% of a CPU step (measured by bench.train)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
