@@ -1,15 +1,16 @@
 """Weight-only quantisation: int8 with per-output-channel scales, int4 with per-group scales and zero points.
-Activations stay in float.
 
 Batch-1 decode reads every weight once per token, so halving (vs bf16) or quartering (vs fp32) the bytes read
-speeds it up about as much. The matmuls are PyTorch's packed kernels:
-- int8 on CPU: ``_weight_int8pack_mm``, fed bf16 activations (its bf16 kernel is vectorised, its fp32 one ~10x
-  slower on AVX2). Elsewhere the weight is dequantised inside the matmul expression, which ``torch.compile``
-  fuses (as gpt-fast does).
-- int4: ``_weight_int4pack_mm_for_cpu`` on CPU and the tinygemm kernel ``_weight_int4pack_mm`` on CUDA, both
-  on bf16 activations. Groups of 32 with an asymmetric (min/max) grid are the layout of GGUF's Q4_1, so a Q4_1
-  checkpoint (the embedded SmolLM2) re-quantises to the same 16 levels per group, off only by bf16 rounding of
-  the scale and zero point.
+speeds it up about as much, provided the matmul unpacks weights as fast as memory delivers them. The matmuls:
+- CPU with AVX2: our kernels (``llama/cpu_kernels.cpp``), which quantise the activations to int8 per group of 32
+  (as llama.cpp does) and take integer dot products: ~2x PyTorch's packed kernels on batch-1 decode.
+- other CPUs, or where the kernels cannot be built: PyTorch's ``_weight_int8pack_mm`` and
+  ``_weight_int4pack_mm_for_cpu``, on bf16 activations.
+- CUDA: int8 dequantised inside the matmul expression, which ``torch.compile`` fuses (as gpt-fast does); int4
+  through the tinygemm kernel ``_weight_int4pack_mm`` on bf16 activations.
+
+int4 uses groups of 32 with an asymmetric (min/max) grid, the layout of GGUF's Q4_1, so a Q4_1 checkpoint (the
+embedded SmolLM2) re-quantises to the same 16 levels per group, off only by bf16 rounding of scale and zero point.
 """
 
 from __future__ import annotations
@@ -18,19 +19,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama import cpu_kernels
 from llama.model import Transformer
 
 QUANTIZATIONS = ("int8", "int4")
+
+
+def _on_our_cpu_kernels(weight: torch.Tensor, group_size: int = cpu_kernels.GROUP_SIZE) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and group_size == cpu_kernels.GROUP_SIZE
+        and weight.shape[1] % cpu_kernels.GROUP_SIZE == 0
+        and cpu_kernels.available()
+    )
+
+
+def _tokens_by_features(x: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, in_features).to(dtype).contiguous()  # the kernels take 2-D input
 
 
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()  # (out_features, in_features)
-        # Scales are stored in the dtype the matmul takes them in (bf16 for the CPU kernel: casting a buffer
-        # inside a compiled graph trips Inductor's lowering of it), and the weight is rounded against the
-        # stored scale, so each element is off by at most half a step.
-        scale_dtype = torch.bfloat16 if weight.device.type == "cpu" else weight.dtype
+        self.ours = _on_our_cpu_kernels(weight)
+        # Scales are stored in the dtype the matmul takes them in (bf16 for PyTorch's CPU kernel: casting a buffer
+        # inside a compiled graph trips Inductor's lowering of it), and the weight is rounded against the stored
+        # scale, so each element is off by at most half a step.
+        if weight.device.type == "cpu":
+            scale_dtype = torch.float32 if self.ours else torch.bfloat16
+        else:
+            scale_dtype = weight.dtype
         scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127).to(scale_dtype)
         quantised = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("weight", quantised)
@@ -38,11 +57,15 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernel takes 2-D input
+        if self.ours:
+            flat = _tokens_by_features(x, self.in_features, torch.float32)
+            out = torch.ops.llama_one.int8_linear(flat, self.weight, self.scales)
+        elif x.device.type == "cpu":
+            flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
-            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        else:
+            return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -66,14 +89,21 @@ class Int4Linear(nn.Module):
         zeros = (low + 8 * scales.float()).to(torch.bfloat16)
         # Rounded against the stored bf16 scale and zero point, so each element is off by at most half a step.
         offsets = (groups - zeros.float()[..., None]) / scales.float()[..., None]
-        q = (torch.round(offsets) + 8).clamp(0, 15).to(torch.int32).reshape(n, k)
-        if w.device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        q = (torch.round(offsets) + 8).clamp(0, 15).to(torch.int32)  # (n, k // group_size, group_size)
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1)  # (n, k // group_size, 2)
+        self.ours = _on_our_cpu_kernels(weight, group_size)
+        if self.ours:  # byte j of a group: q[j] in the low nibble, q[j + 16] in the high one (GGUF's order)
+            packed = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8).reshape(n, k // 2)
+        elif w.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 1)
+            scales_and_zeros = scales_and_zeros.transpose(0, 1)  # PyTorch's kernels take (groups, n, 2)
         else:
+            q = q.reshape(n, k)
             nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (n, k // 2)
             packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, self.CUDA_INNER_K_TILES)
+            scales_and_zeros = scales_and_zeros.transpose(0, 1)
         self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
         self.in_features, self.out_features, self.group_size = k, n, group_size
 
     @classmethod
@@ -82,16 +112,20 @@ class Int4Linear(nn.Module):
         if group_size not in (32, 64, 128, 256) or k % group_size:
             return False
         if weight.device.type == "cpu":
-            return n % 16 == 0
+            return _on_our_cpu_kernels(weight, group_size) or n % 16 == 0
         return weight.device.type == "cuda" and n % 8 == 0 and k % (cls.CUDA_INNER_K_TILES * 16) == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (tokens, in_features)
-        if x.device.type == "cpu":
-            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        if self.ours:
+            flat = _tokens_by_features(x, self.in_features, torch.float32)
+            out = torch.ops.llama_one.int4_linear(flat, self.weight, self.scales_and_zeros)
         else:
-            mm = torch.ops.aten._weight_int4pack_mm
-        out = mm(flat, self.weight, self.group_size, self.scales_and_zeros)
+            flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
+            if x.device.type == "cpu":
+                mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            else:
+                mm = torch.ops.aten._weight_int4pack_mm
+            out = mm(flat, self.weight, self.group_size, self.scales_and_zeros)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,43 @@
+"""Our int4/int8 matmul kernels for AVX2 CPUs (``cpu_kernels.cpp``), built on first use by
+``torch.utils.cpp_extension`` with the system's C++ compiler (~10 s once; cached under ``~/.cache/torch_extensions``).
+They register ``torch.ops.llama_one.int4_linear`` and ``torch.ops.llama_one.int8_linear``; where they cannot be built
+(no AVX2, no compiler) or ``LLAMA_ONE_CPU_KERNELS=0`` is set, ``available()`` is False and the quantised linears
+use PyTorch's packed kernels instead."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+GROUP_SIZE = 32  # the activations' int8 groups, and the int4 weights' groups (kGroup in the source)
+
+
+@functools.cache
+def available() -> bool:
+    if os.environ.get("LLAMA_ONE_CPU_KERNELS") == "0":
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):  # "AVX2" or "AVX512"
+        return False
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name="llama_one_cpu_kernels",
+            sources=[str(SOURCE)],
+            # -fopenmp for at::parallel_for's pragmas; the OpenMP runtime is the one PyTorch has already loaded
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any build failure (no compiler, no ninja) means: use PyTorch's kernels
+        warnings.warn(f"could not build {SOURCE} ({error}); int4/int8 linears use PyTorch's kernels", stacklevel=2)
+        return False
+    for name in ("int4_linear", "int8_linear"):
+        # shapes for torch.compile, which treats the kernels as opaque calls
+        torch.library.register_fake(f"llama_one::{name}")(lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+    return True
