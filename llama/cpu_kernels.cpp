@@ -221,14 +221,40 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// The (n, k) float32 weight: many activation rows at once (prefill) run faster through sgemm on it.
+at::Tensor int4_dequantize(const at::Tensor& weight, const at::Tensor& scales_and_zeros) {
+  const int64_t n = weight.size(0), k = weight.size(1) * 2, groups = k / kGroup;
+  at::Tensor out = at::empty({n, k}, weight.options().dtype(at::kFloat));
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    for (int64_t i = begin; i < end; ++i) {  // group i of the flattened (n, groups)
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i * kGroup / 2));
+      const __m128i halves[2] = {_mm_and_si128(packed, nibble), _mm_and_si128(_mm_srli_epi16(packed, 4), nibble)};
+      const float scale = bf16_to_float(sz[2 * i]);
+      const __m256 scale_v = _mm256_set1_ps(scale), offset = _mm256_set1_ps(bf16_to_float(sz[2 * i + 1]) - 8.f * scale);
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 2; ++j) {
+          const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8 * j)));
+          _mm256_storeu_ps(o + i * kGroup + 16 * h + 8 * j, _mm256_fmadd_ps(q, scale_v, offset));
+        }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_one, lib) {
   lib.def("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros) -> Tensor");
   lib.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  lib.def("int4_dequantize(Tensor weight, Tensor scales_and_zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_one, CPU, lib) {
   lib.impl("int4_linear", &int4_linear);
   lib.impl("int8_linear", &int8_linear);
+  lib.impl("int4_dequantize", &int4_dequantize);
 }

@@ -1,6 +1,6 @@
 """Our int4/int8 matmul kernels for AVX2 CPUs (``cpu_kernels.cpp``), built on first use by
 ``torch.utils.cpp_extension`` with the system's C++ compiler (~10 s once; cached under ``~/.cache/torch_extensions``).
-They register ``torch.ops.llama_one.int4_linear`` and ``torch.ops.llama_one.int8_linear``; where they cannot be built
+They register ``torch.ops.llama_one.int4_linear``, ``int8_linear`` and ``int4_dequantize``; where they cannot be built
 (no AVX2, no compiler) or ``LLAMA_ONE_CPU_KERNELS=0`` is set, ``available()`` is False and the quantised linears
 use PyTorch's packed kernels instead."""
 
@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-GROUP_SIZE = 32  # the activations' int8 groups, and the int4 weights' groups (kGroup in the source)
+GROUP_SIZE = 32  # the activations' int16 groups, and the int4 weights' groups (kGroup in the source)
+# From this many activation rows on (prefill), dequantising the weight and running sgemm beats the kernels: the
+# crossover measured on SmolLM2's int4 shapes with 2 AVX2 threads lies between 16 and 32 rows.
+SGEMM_FROM_ROWS = 32
 
 
 @functools.cache
@@ -37,7 +40,10 @@ def available() -> bool:
     except Exception as error:  # noqa: BLE001 - any build failure (no compiler, no ninja) means: use PyTorch's kernels
         warnings.warn(f"could not build {SOURCE} ({error}); int4/int8 linears use PyTorch's kernels", stacklevel=2)
         return False
+    # shapes for torch.compile, which treats the kernels as opaque calls
     for name in ("int4_linear", "int8_linear"):
-        # shapes for torch.compile, which treats the kernels as opaque calls
         torch.library.register_fake(f"llama_one::{name}")(lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("llama_one::int4_dequantize")(
+        lambda weight, scales_and_zeros: weight.new_empty(weight.shape[0], weight.shape[1] * 2, dtype=torch.float32)
+    )
     return True

@@ -2,8 +2,9 @@
 
 Batch-1 decode reads every weight once per token, so halving (vs bf16) or quartering (vs fp32) the bytes read
 speeds it up about as much, provided the matmul unpacks weights as fast as memory delivers them. The matmuls:
-- CPU with AVX2: our kernels (``llama/cpu_kernels.cpp``), which quantise the activations to int8 per group of 32
-  (as llama.cpp does) and take integer dot products: ~2x PyTorch's packed kernels on batch-1 decode.
+- CPU with AVX2: our kernels (``llama/cpu_kernels.cpp``), which round the activations to int16 per group of 32
+  and take integer dot products: ~2x PyTorch's packed kernels on batch-1 decode. From 32 activation rows on
+  (prefill) the weight is dequantised and the matmul is sgemm's.
 - other CPUs, or where the kernels cannot be built: PyTorch's ``_weight_int8pack_mm`` and
   ``_weight_int4pack_mm_for_cpu``, on bf16 activations.
 - CUDA: int8 dequantised inside the matmul expression, which ``torch.compile`` fuses (as gpt-fast does); int4
@@ -59,7 +60,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
             flat = _tokens_by_features(x, self.in_features, torch.float32)
-            out = torch.ops.llama_one.int8_linear(flat, self.weight, self.scales)
+            if flat.shape[0] >= cpu_kernels.SGEMM_FROM_ROWS:
+                out = F.linear(flat, self.weight.float() * self.scales[:, None])
+            else:
+                out = torch.ops.llama_one.int8_linear(flat, self.weight, self.scales)
         elif x.device.type == "cpu":
             flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
@@ -118,7 +122,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
             flat = _tokens_by_features(x, self.in_features, torch.float32)
-            out = torch.ops.llama_one.int4_linear(flat, self.weight, self.scales_and_zeros)
+            if flat.shape[0] >= cpu_kernels.SGEMM_FROM_ROWS:
+                out = F.linear(flat, torch.ops.llama_one.int4_dequantize(self.weight, self.scales_and_zeros))
+            else:
+                out = torch.ops.llama_one.int4_linear(flat, self.weight, self.scales_and_zeros)
         else:
             flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
             if x.device.type == "cpu":
