@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,10 @@ def available() -> bool:
         return False
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:  # the ninja package's binary, when this environment's bin/ is not on PATH
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     try:
         cpp_extension.load(
             name="llama_one_cpu_kernels",
