@@ -100,12 +100,12 @@ class Int4Linear(nn.Module):
             packed = (q[..., :16] | q[..., 16:] << 4).to(torch.uint8).reshape(n, k // 2)
         elif w.device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 1)
-            scales_and_zeros = scales_and_zeros.transpose(0, 1)  # PyTorch's kernels take (groups, n, 2)
         else:
             q = q.reshape(n, k)
             nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (n, k // 2)
             packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, self.CUDA_INNER_K_TILES)
-            scales_and_zeros = scales_and_zeros.transpose(0, 1)
+        if not self.ours:
+            scales_and_zeros = scales_and_zeros.transpose(0, 1)  # PyTorch's kernels take (groups, n, 2)
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
         self.in_features, self.out_features, self.group_size = k, n, group_size
