@@ -8,12 +8,17 @@ weights, batch × sequence, optimizer settings and precision, in the same run.
 Both sides start from the same HF folder of random weights, so their first losses agree: a check that the two
 loops compute the same thing. Every step is forward, fp32 cross-entropy, backward, gradient clipping, AdamW.
 MFU = flops per token × tokens/s ÷ the device's dense bf16 peak (``llama.metrics``); none on CPU.
+
+Every run also times the step's linear-layer matmuls alone (forward, gradient of the input, gradient of the weight,
+at the run's shapes and dtype): no training loop built on the same matmul library can take less time per step, so
+transformers' step ÷ that floor bounds the speed-up any loop can reach over it here (``max_x_vs_hf``).
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
+from collections import Counter
 import tempfile
 from contextlib import nullcontext
 from functools import partial
@@ -86,6 +91,23 @@ def training_step(loss_on_tokens, model, optimizer, cfg: Config, autocast=nullco
     return step
 
 
+def linear_matmul_floor_s(model: Transformer, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds one training step's linear-layer matmuls take on their own: for each weight (out, in), the forward
+    x @ W.T, the input's gradient g @ W and the weight's gradient g.T @ x over ``tokens`` rows (best of 3)."""
+    shapes = Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if model.output is None:  # tied: the output projection multiplies by the embedding
+        shapes[tuple(model.tok_embeddings.weight.shape)] += 1
+    total = 0.0
+    for (out_features, in_features), count in shapes.items():
+        x = torch.randn(tokens, in_features, dtype=dtype, device=device)
+        weight = torch.randn(out_features, in_features, dtype=dtype, device=device)
+        grad = torch.randn(tokens, out_features, dtype=dtype, device=device)
+        matmuls = lambda: (F.linear(x, weight), grad @ weight, grad.t() @ x)  # noqa: E731
+        matmuls()
+        total += count * min(timed(matmuls, device) for _ in range(3))
+    return total
+
+
 def make_step(variant: str, folder: Path, cfg: Config, device: torch.device, mesh):
     if variant == "transformers":
         return hf_step(folder, cfg, device)
@@ -137,6 +159,8 @@ def main(
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(args, n_params, seq_len)
         peak = peak_flops(device)
+        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        floor_s = linear_matmul_floor_s(model, batch * seq_len, compute_dtype, device)
 
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -153,11 +177,14 @@ def main(
         for row in rows:
             row["x_vs_hf"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
             row["mfu"] = flops * row["tokens_per_s"] / peak if peak else None
+        max_x_vs_hf = rows[0]["step_s"] / floor_s
 
         print_table(rows, ["variant", "batch", "seq_len", "warmup_s", "step_s", "tokens_per_s", "x_vs_hf", "mfu",
                            "first_loss", "last_loss"])
-        path = write_result("train", device, rows, out_dir=output, model_args=vars(args),
-                            flops_per_token=flops, peak_flops=peak)
+        print(f"the step's linear matmuls alone take {floor_s:.3g} s here: no loop on the same matmuls exceeds "
+              f"{max_x_vs_hf:.2f}× transformers")
+        path = write_result("train", device, rows, out_dir=output, model_args=vars(args), flops_per_token=flops,
+                            peak_flops=peak, linear_matmul_floor_s=floor_s, max_x_vs_hf=max_x_vs_hf)
         print(f"wrote {path}")
     finally:
         dist.destroy_process_group()

@@ -51,6 +51,9 @@ def test_train_benchmark_matches_transformers_loss(tmp_path):
     for row in (hf, ours):
         assert row["tokens_per_s"] > 0 and row["mfu"] is None
     assert abs(ours["x_vs_hf"] - ours["tokens_per_s"] / hf["tokens_per_s"]) < 1e-9
+    # the matmul floor is part of a step, so it bounds the speed-up from above
+    assert 0 < result["linear_matmul_floor_s"] < hf["step_s"]
+    assert result["max_x_vs_hf"] == hf["step_s"] / result["linear_matmul_floor_s"]
     # the same weights and batches: the two loops compute the same losses
     assert abs(ours["first_loss"] - hf["first_loss"]) < 1e-4
     assert abs(ours["last_loss"] - hf["last_loss"]) < 1e-3
