@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-# Logit elements per chunk. On CPU 16 MB of fp32 stays under glibc's mmap threshold, so each chunk reuses the last
-# one's memory instead of faulting in fresh pages; on GPU the chunk is large enough to keep the matmuls efficient.
-CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+# Logit elements per chunk: enough rows (hundreds at a 32k vocabulary) for the output projection's matmuls to run
+# near full speed (on CPU, 64 MB of fp32 made a training step ~6 % faster than 16 MB), while the logits never all
+# exist at once.
+CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -25,10 +26,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=loss_dtype, device=hidden.device)
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_grads else None
-        grad_weight = torch.zeros_like(weight) if want_grads else None
+        grad_weight = torch.empty_like(weight) if want_grads else None
+        logits_buffer = hidden.new_empty(min(chunk_tokens, n), weight.shape[0])  # reused: its pages fault in once
         for start in range(0, n, chunk_tokens):
             h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-            logits = (h @ weight.T).to(loss_dtype)  # (chunk, vocab_size)
+            logits = torch.matmul(h, weight.T, out=logits_buffer[: len(h)]).to(loss_dtype)  # (chunk, vocab_size)
             target_logits = logits.gather(1, t[:, None])  # (chunk, 1)
             top = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(top).exp_()  # in place of the logits
@@ -39,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad[torch.arange(len(t), device=t.device), t] -= 1 / n
                 grad = grad.to(hidden.dtype)
                 torch.matmul(grad, weight, out=grad_hidden[start : start + chunk_tokens])
-                grad_weight.addmm_(grad.T, h)
+                grad_weight.addmm_(grad.T, h, beta=float(start > 0))  # the first chunk overwrites the empty memory
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss / n
 
