@@ -85,11 +85,11 @@ inline __m256i partial_dots(__m256i w_low, __m256i w_high, const int16_t* x) {
 struct Int4Group {
   __m256i low, high;
   Int4Group(const uint8_t* row, int64_t g) {
-    // byte j of a group holds q[j] in its low nibble and q[j + 16] in its high one (GGUF's Q4 order)
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kGroup / 2));
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    low = _mm256_cvtepu8_epi16(_mm_and_si128(packed, nibble));
-    high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble));
+    // byte j of a group holds q[j] in its low nibble and q[j + 16] in its high one (GGUF's Q4 order); widened to
+    // 16 bits, the high nibble is a plain shift away
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kGroup / 2)));
+    low = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+    high = _mm256_srli_epi16(bytes, 4);
   }
   __m256i dot(const int16_t* x) const { return partial_dots(low, high, x); }
 };
@@ -102,77 +102,88 @@ struct Int8Group {
   __m256i dot(const int16_t* x) const { return partial_dots(low, high, x); }
 };
 
-// dots[r] = sum over groups g of group_scales[r][g] * <w_g, x_rg> for ROWS activation rows against one weight row.
-// Two accumulators per row, even and odd groups, keep the FMA latency chain off the critical path.
+// acc[r] += the 8 partial sums of sum over groups g of group_scales[r * scales_stride + g] * <w_g, x_rg>, for ROWS
+// activation rows from `first` against one weight row. A second set of accumulators takes the odd groups, keeping
+// the FMA latency chain off the critical path; both are named (not indexed by g & 1) so that they stay in registers.
 template <int ROWS, class Group, class Row>
 inline void grouped_dots(const Row* row, const QuantisedActivations& a, int64_t first, const float* group_scales,
-                         float* dots) {
-  __m256 acc[2][ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < a.groups; ++g) {
+                         int64_t scales_stride, __m256* acc) {
+  __m256 odd[ROWS];
+  for (int r = 0; r < ROWS; ++r) odd[r] = _mm256_setzero_ps();
+  const int16_t* x = a.values.data() + first * a.k;
+  auto accumulate = [&](__m256* into, int64_t g) {
     const Group weights(row, g);
     for (int r = 0; r < ROWS; ++r) {
-      const __m256 dot = _mm256_cvtepi32_ps(weights.dot(a.values.data() + (first + r) * a.k + g * kGroup));
-      acc[g & 1][r] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(group_scales + r * a.groups + g), acc[g & 1][r]);
+      const __m256 dot = _mm256_cvtepi32_ps(weights.dot(x + r * a.k + g * kGroup));
+      into[r] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(group_scales + r * scales_stride + g), into[r]);
     }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= a.groups; g += 2) {
+    accumulate(acc, g);
+    accumulate(odd, g + 1);
   }
-  for (int r = 0; r < ROWS; ++r) dots[r] = horizontal_sum(_mm256_add_ps(acc[0][r], acc[1][r]));
+  if (g < a.groups) accumulate(acc, g);
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_add_ps(acc[r], odd[r]);
 }
 
-// For one int4 weight row and one activation row: each group's weight scale times activation scale, and the
-// offset term sum_g (zero_g - 8 scale_g) * sum(x_g), 8 groups at a time. A 32-bit lane of scales_and_zeros is
-// a bf16 pair (scale, zero): scale = lane << 16, zero = lane & 0xFFFF0000.
-inline float int4_scales_and_offset(const uint16_t* scales_and_zeros, const float* x_scales, const float* x_sums,
-                                    int64_t groups, float* group_scales) {
+// For one int4 weight row and one activation row: each group's weight scale times activation scale into
+// group_scales (padded to a multiple of 8), and the 8 partial sums of the offset term sum_g (zero_g - 8 scale_g) *
+// sum(x_g). A 32-bit lane of scales_and_zeros is a bf16 pair (scale, zero): scale = lane << 16, zero = lane &
+// 0xFFFF0000. The last 8 groups are loaded under a mask: lanes past the row read nothing and add 0.
+inline __m256 int4_scales_and_offset(const uint16_t* scales_and_zeros, const float* x_scales, const float* x_sums,
+                                     int64_t groups, float* group_scales) {
   const __m256i high_half = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 offset = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= groups; g += 8) {
-    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_and_zeros + 2 * g));
+  for (int64_t g = 0; g < groups; g += 8) {
+    const __m256i in_row = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(groups - g)), lane);
+    const __m256i pairs = _mm256_maskload_epi32(reinterpret_cast<const int*>(scales_and_zeros + 2 * g), in_row);
     const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
     const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, high_half));
-    _mm256_storeu_ps(group_scales + g, _mm256_mul_ps(scale, _mm256_loadu_ps(x_scales + g)));
-    offset = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero), _mm256_loadu_ps(x_sums + g), offset);
+    _mm256_storeu_ps(group_scales + g, _mm256_mul_ps(scale, _mm256_maskload_ps(x_scales + g, in_row)));
+    offset = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero), _mm256_maskload_ps(x_sums + g, in_row),
+                             offset);
   }
-  float tail = 0.f;
-  for (; g < groups; ++g) {
-    const float scale = bf16_to_float(scales_and_zeros[2 * g]);
-    group_scales[g] = scale * x_scales[g];
-    tail += (bf16_to_float(scales_and_zeros[2 * g + 1]) - 8.f * scale) * x_sums[g];
-  }
-  return horizontal_sum(offset) + tail;
+  return offset;
 }
+
+inline int64_t padded_groups(int64_t groups) { return (groups + 7) / 8 * 8; }
 
 template <int ROWS>
 inline void int4_rows(const uint8_t* row, const uint16_t* scales_and_zeros, const QuantisedActivations& a,
                       int64_t first, float* group_scales, float* out, int64_t out_stride) {
-  float offsets[ROWS], dots[ROWS];
+  const int64_t stride = padded_groups(a.groups);
+  __m256 acc[ROWS];  // start from the offset terms
   for (int r = 0; r < ROWS; ++r) {
     const int64_t at = (first + r) * a.groups;
-    offsets[r] = int4_scales_and_offset(scales_and_zeros, a.scales.data() + at, a.sums.data() + at, a.groups,
-                                        group_scales + r * a.groups);
+    acc[r] = int4_scales_and_offset(scales_and_zeros, a.scales.data() + at, a.sums.data() + at, a.groups,
+                                    group_scales + r * stride);
   }
-  grouped_dots<ROWS, Int4Group>(row, a, first, group_scales, dots);
-  for (int r = 0; r < ROWS; ++r) out[r * out_stride] = dots[r] + offsets[r];
+  grouped_dots<ROWS, Int4Group>(row, a, first, group_scales, stride, acc);
+  for (int r = 0; r < ROWS; ++r) out[r * out_stride] = horizontal_sum(acc[r]);
 }
 
 template <int ROWS>
 inline void int8_rows(const int8_t* row, float row_scale, const QuantisedActivations& a, int64_t first,
                       float* out, int64_t out_stride) {
-  float dots[ROWS];
-  grouped_dots<ROWS, Int8Group>(row, a, first, a.scales.data() + first * a.groups, dots);
-  for (int r = 0; r < ROWS; ++r) out[r * out_stride] = dots[r] * row_scale;
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  grouped_dots<ROWS, Int8Group>(row, a, first, a.scales.data() + first * a.groups, a.groups, acc);
+  for (int r = 0; r < ROWS; ++r) out[r * out_stride] = horizontal_sum(acc[r]) * row_scale;
 }
 
-// Calls rows(j, first_activation_row, ROWS-tag) for every weight row j over blocks of 4 activation rows, weight
-// rows split across PyTorch's intra-op threads. Each weight row is read once per block of 4 activation rows.
+// Calls rows(j, first_activation_row, scratch, ROWS-tag) for every weight row j over blocks of 4 activation rows,
+// weight rows split across PyTorch's intra-op threads; each thread's share gets `scratch_floats` of scratch. Each
+// weight row is read once per block of 4 activation rows.
 template <class Rows>
-void for_each_output(int64_t m, int64_t n, Rows rows) {
+void for_each_output(int64_t m, int64_t n, int64_t scratch_floats, Rows rows) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(scratch_floats);
     for (int64_t j = begin; j < end; ++j) {
       int64_t r = 0;
-      for (; r + 4 <= m; r += 4) rows(j, r, std::integral_constant<int, 4>());
-      for (; r < m; ++r) rows(j, r, std::integral_constant<int, 1>());
+      for (; r + 4 <= m; r += 4) rows(j, r, scratch.data(), std::integral_constant<int, 4>());
+      for (; r < m; ++r) rows(j, r, scratch.data(), std::integral_constant<int, 1>());
     }
   });
 }
@@ -197,10 +208,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
   float* o = out.data_ptr<float>();
-  for_each_output(m, n, [&](int64_t j, int64_t r, auto rows) {
-    thread_local std::vector<float> group_scales;  // for up to 4 activation rows; grows once per thread
-    if (group_scales.size() < static_cast<size_t>(4 * a.groups)) group_scales.resize(4 * a.groups);
-    int4_rows<decltype(rows)::value>(w + j * (k / 2), sz + j * a.groups * 2, a, r, group_scales.data(), o + r * n + j, n);
+  // scratch: the group scales of up to 4 activation rows
+  for_each_output(m, n, 4 * padded_groups(a.groups), [&](int64_t j, int64_t r, float* group_scales, auto rows) {
+    int4_rows<decltype(rows)::value>(w + j * (k / 2), sz + j * a.groups * 2, a, r, group_scales, o + r * n + j, n);
   });
   return out;
 }
@@ -215,7 +225,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for_each_output(m, n, [&](int64_t j, int64_t r, auto rows) {
+  for_each_output(m, n, 0, [&](int64_t j, int64_t r, float*, auto rows) {
     int8_rows<decltype(rows)::value>(w + j * k, s[j], a, r, o + r * n + j, n);
   });
   return out;
