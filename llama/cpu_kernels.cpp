@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -76,13 +77,8 @@ struct QuantisedActivations {
   }
 };
 
-// One group of a weight row as two vectors of 16 int16, and its dot product with a group of activations as 8
-// int32 partial sums (vpmaddwd). int4: q in 0..15 (w = q * scale + offset, the offset is handled outside).
-inline __m256i partial_dots(__m256i w_low, __m256i w_high, const int16_t* x) {
-  return _mm256_add_epi32(_mm256_madd_epi16(w_low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                          _mm256_madd_epi16(w_high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
-}
-
+// One group of a weight row as two vectors of 16 int16. int4: q in 0..15 (w = q * scale + offset, the offset is
+// handled outside).
 struct Int4Group {
   __m256i low, high;
   Int4Group(const uint8_t* row, int64_t g) {
@@ -92,7 +88,6 @@ struct Int4Group {
     low = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
     high = _mm256_srli_epi16(bytes, 4);
   }
-  __m256i dot(const int16_t* x) const { return partial_dots(low, high, x); }
 };
 
 struct Int8Group {
@@ -100,32 +95,46 @@ struct Int8Group {
   Int8Group(const int8_t* row, int64_t g)
       : low(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kGroup)))),
         high(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kGroup + 16)))) {}
-  __m256i dot(const int16_t* x) const { return partial_dots(low, high, x); }
 };
 
-// acc[r] += the 8 partial sums of sum over groups g of group_scales[r * scales_stride + g] * <w_g, x_rg>, for ROWS
-// activation rows from `first` against one weight row. A second set of accumulators takes the odd groups, keeping
-// the FMA latency chain off the critical path; both are named (not indexed by g & 1) so that they stay in registers.
-template <int ROWS, class Group, class Row>
-inline void grouped_dots(const Row* row, const QuantisedActivations& a, int64_t first, const float* group_scales,
-                         int64_t scales_stride, __m256* acc) {
-  __m256 odd[ROWS];
-  for (int r = 0; r < ROWS; ++r) odd[r] = _mm256_setzero_ps();
+// A tile of COLS weight rows (from `row`, `row_stride` apart) by ROWS activation rows (from `first`):
+// acc[c * ROWS + r] += the 8 partial sums of sum over groups g of scales[c * col_stride + r * row_stride_s + g] *
+// <w_cg, x_rg>, each group's dot product an integer one (vpmaddwd: 8 int32 partial sums). Each weight group is
+// unpacked once for the ROWS activation rows and each activation group loaded once for the COLS weight rows.
+// Tiles of fewer than 4 accumulators also split even and odd groups, so that the FMA latency chains overlap.
+template <int COLS, int ROWS, class Group, class Row>
+inline void tile_dots(const Row* row, int64_t row_stride, const QuantisedActivations& a, int64_t first,
+                      const float* scales, int64_t col_stride, int64_t row_stride_s, __m256* acc) {
+  constexpr int kTile = COLS * ROWS;
+  constexpr bool kSplit = kTile < 4;
+  __m256 odd[kTile];
+  for (int i = 0; i < kTile; ++i) odd[i] = _mm256_setzero_ps();
   const int16_t* x = a.values.data() + first * a.k;
   auto accumulate = [&](__m256* into, int64_t g) {
-    const Group weights(row, g);
+    __m256i low[COLS], high[COLS];
+    for (int c = 0; c < COLS; ++c) {
+      const Group weights(row + c * row_stride, g);
+      low[c] = weights.low;
+      high[c] = weights.high;
+    }
     for (int r = 0; r < ROWS; ++r) {
-      const __m256 dot = _mm256_cvtepi32_ps(weights.dot(x + r * a.k + g * kGroup));
-      into[r] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(group_scales + r * scales_stride + g), into[r]);
+      const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * a.k + g * kGroup));
+      const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * a.k + g * kGroup + 16));
+      for (int c = 0; c < COLS; ++c) {
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(low[c], x_low), _mm256_madd_epi16(high[c], x_high));
+        const __m256 scale = _mm256_broadcast_ss(scales + c * col_stride + r * row_stride_s + g);
+        into[c * ROWS + r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, into[c * ROWS + r]);
+      }
     }
   };
   int64_t g = 0;
   for (; g + 2 <= a.groups; g += 2) {
     accumulate(acc, g);
-    accumulate(odd, g + 1);
+    accumulate(kSplit ? odd : acc, g + 1);
   }
   if (g < a.groups) accumulate(acc, g);
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_add_ps(acc[r], odd[r]);
+  if (kSplit)
+    for (int i = 0; i < kTile; ++i) acc[i] = _mm256_add_ps(acc[i], odd[i]);
 }
 
 // For one int4 weight row and one activation row: each group's weight scale times activation scale into
@@ -151,41 +160,58 @@ inline __m256 int4_scales_and_offset(const uint16_t* scales_and_zeros, const flo
 
 inline int64_t padded_groups(int64_t groups) { return (groups + 7) / 8 * 8; }
 
-template <int ROWS>
-inline void int4_rows(const uint8_t* row, const uint16_t* scales_and_zeros, const QuantisedActivations& a,
-                      int64_t first, float* group_scales, float* out, int64_t out_stride) {
-  const int64_t stride = padded_groups(a.groups);
-  __m256 acc[ROWS];  // start from the offset terms
-  for (int r = 0; r < ROWS; ++r) {
-    const int64_t at = (first + r) * a.groups;
-    acc[r] = int4_scales_and_offset(scales_and_zeros, a.scales.data() + at, a.sums.data() + at, a.groups,
-                                    group_scales + r * stride);
-  }
-  grouped_dots<ROWS, Int4Group>(row, a, first, group_scales, stride, acc);
-  for (int r = 0; r < ROWS; ++r) out[r * out_stride] = horizontal_sum(acc[r]);
+// out[r * n + j + c] for a tile of int4 weight rows j.. and activation rows first..; group_scales: scratch for
+// COLS * ROWS rows of padded groups.
+template <int COLS, int ROWS>
+inline void int4_tile(const uint8_t* weight, const uint16_t* scales_and_zeros, const QuantisedActivations& a,
+                      int64_t j, int64_t first, float* group_scales, float* out, int64_t n) {
+  const int64_t stride = padded_groups(a.groups), row_bytes = a.k / 2;
+  __m256 acc[COLS * ROWS];  // start from the offset terms
+  for (int c = 0; c < COLS; ++c)
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t at = (first + r) * a.groups;
+      acc[c * ROWS + r] = int4_scales_and_offset(scales_and_zeros + (j + c) * a.groups * 2, a.scales.data() + at,
+                                                 a.sums.data() + at, a.groups, group_scales + (c * ROWS + r) * stride);
+    }
+  tile_dots<COLS, ROWS, Int4Group>(weight + j * row_bytes, row_bytes, a, first, group_scales, ROWS * stride, stride,
+                                   acc);
+  for (int c = 0; c < COLS; ++c)
+    for (int r = 0; r < ROWS; ++r) out[(first + r) * n + j + c] = horizontal_sum(acc[c * ROWS + r]);
 }
 
-template <int ROWS>
-inline void int8_rows(const int8_t* row, float row_scale, const QuantisedActivations& a, int64_t first,
-                      float* out, int64_t out_stride) {
-  __m256 acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-  grouped_dots<ROWS, Int8Group>(row, a, first, a.scales.data() + first * a.groups, a.groups, acc);
-  for (int r = 0; r < ROWS; ++r) out[r * out_stride] = horizontal_sum(acc[r]) * row_scale;
+template <int COLS, int ROWS>
+inline void int8_tile(const int8_t* weight, const float* row_scales, const QuantisedActivations& a, int64_t j,
+                      int64_t first, float* out, int64_t n) {
+  __m256 acc[COLS * ROWS];
+  for (int i = 0; i < COLS * ROWS; ++i) acc[i] = _mm256_setzero_ps();
+  // the activations' group scales are the same for every weight row
+  tile_dots<COLS, ROWS, Int8Group>(weight + j * a.k, a.k, a, first, a.scales.data() + first * a.groups, 0, a.groups,
+                                   acc);
+  for (int c = 0; c < COLS; ++c)
+    for (int r = 0; r < ROWS; ++r) out[(first + r) * n + j + c] = horizontal_sum(acc[c * ROWS + r]) * row_scales[j + c];
 }
 
-// Calls rows(j, first_activation_row, scratch, ROWS-tag) for every weight row j over blocks of 4 activation rows,
-// weight rows split across PyTorch's intra-op threads; each thread's share gets `scratch_floats` of scratch. Each
-// weight row is read once per block of 4 activation rows.
-template <class Rows>
-void for_each_output(int64_t m, int64_t n, int64_t scratch_floats, Rows rows) {
+constexpr int kTileRows = 4;
+
+// Calls tile(j, first, scratch, COLS-tag, ROWS-tag) over every weight row j and activation row: one weight row
+// against blocks of kTileRows activation rows, then DECODE_COLS weight rows at once against each single activation
+// row left (all of decode's), weight rows read while still in cache. Weight rows are split across PyTorch's
+// intra-op threads; each thread's share gets `scratch_floats` of scratch.
+template <int DECODE_COLS, class Tile>
+void for_each_output(int64_t m, int64_t n, int64_t scratch_floats, Tile tile) {
+  using std::integral_constant;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(scratch_floats);
-    for (int64_t j = begin; j < end; ++j) {
+    auto every_row = [&](int64_t j, auto cols) {
       int64_t r = 0;
-      for (; r + 4 <= m; r += 4) rows(j, r, scratch.data(), std::integral_constant<int, 4>());
-      for (; r < m; ++r) rows(j, r, scratch.data(), std::integral_constant<int, 1>());
-    }
+      for (; r + kTileRows <= m; r += kTileRows)
+        for (int c = 0; c < cols.value; ++c)
+          tile(j + c, r, scratch.data(), integral_constant<int, 1>(), integral_constant<int, kTileRows>());
+      for (; r < m; ++r) tile(j, r, scratch.data(), cols, integral_constant<int, 1>());
+    };
+    int64_t j = begin;
+    for (; j + DECODE_COLS <= end; j += DECODE_COLS) every_row(j, integral_constant<int, DECODE_COLS>());
+    for (; j < end; ++j) every_row(j, integral_constant<int, 1>());
   });
 }
 
@@ -209,9 +235,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
   float* o = out.data_ptr<float>();
-  // scratch: the group scales of up to 4 activation rows
-  for_each_output(m, n, 4 * padded_groups(a.groups), [&](int64_t j, int64_t r, float* group_scales, auto rows) {
-    int4_rows<decltype(rows)::value>(w + j * (k / 2), sz + j * a.groups * 2, a, r, group_scales, o + r * n + j, n);
+  // scratch: the group scales of a tile's weight rows x activation rows
+  // 4 weight rows at once against one activation row: ~5 % faster decode on SmolLM2's shapes with two AVX2 cores
+  constexpr int decode_cols = 4;
+  const int64_t scratch_floats = std::max(kTileRows, decode_cols) * padded_groups(a.groups);
+  for_each_output<decode_cols>(m, n, scratch_floats, [&](int64_t j, int64_t r, float* group_scales, auto cols, auto rows) {
+    int4_tile<decltype(cols)::value, decltype(rows)::value>(w, sz, a, j, r, group_scales, o, n);
   });
   return out;
 }
@@ -226,8 +255,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for_each_output(m, n, 0, [&](int64_t j, int64_t r, float*, auto rows) {
-    int8_rows<decltype(rows)::value>(w + j * k, s[j], a, r, o + r * n + j, n);
+  // one weight row at a time: tiles of several made the (memory-bound) output projection slower
+  for_each_output<1>(m, n, 0, [&](int64_t j, int64_t r, float*, auto cols, auto rows) {
+    int8_tile<decltype(cols)::value, decltype(rows)::value>(w, s, a, j, r, o, n);
   });
   return out;
 }
