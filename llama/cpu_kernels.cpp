@@ -1,8 +1,8 @@
 // Weight-only quantised matmuls for x86 CPUs with AVX2: y = x @ w.T for int4 (groups of 32, w = q * scale +
 // offset per group) and int8 (one scale per output row) weights. Built on first use by llama/cpu_kernels.py.
 //
-// Batch-1 decode on CPU is bound by how fast weights are unpacked, not by memory bandwidth: PyTorch's packed
-// kernels convert every weight to float and reach ~10 G weights/s on two AVX2 cores. Here the activations are
+// PyTorch's packed kernels convert every weight to float and are bound by that unpacking, not by memory bandwidth:
+// ~10 G weights/s at batch-1 decode on two AVX2 cores. Here the activations are
 // quantised to int16 per group of 32 (scale = max|x| / 32767, finer than the bf16 PyTorch's kernels take), and
 // each group's dot product is an integer one (vpmaddwd on weights widened to int16) scaled once per group: up to
 // ~40 G weights/s on SmolLM2's larger int4 shapes, ~4x PyTorch's kernels and near what two cores read from memory.
@@ -14,7 +14,6 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -160,11 +159,14 @@ inline __m256 int4_scales_and_offset(const uint16_t* scales_and_zeros, const flo
 
 inline int64_t padded_groups(int64_t groups) { return (groups + 7) / 8 * 8; }
 
-// out[r * n + j + c] for a tile of int4 weight rows j.. and activation rows first..; group_scales: scratch for
-// COLS * ROWS rows of padded groups.
+constexpr int kTileRows = 4;  // activation rows a weight row is unpacked for at once
+
+// out[(first + r) * n + j + c] for a tile of int4 weight rows j.. and activation rows first..; group_scales:
+// scratch for COLS * ROWS (at most kTileRows) rows of padded groups.
 template <int COLS, int ROWS>
 inline void int4_tile(const uint8_t* weight, const uint16_t* scales_and_zeros, const QuantisedActivations& a,
                       int64_t j, int64_t first, float* group_scales, float* out, int64_t n) {
+  static_assert(COLS * ROWS <= kTileRows, "the scratch holds kTileRows rows of group scales");
   const int64_t stride = padded_groups(a.groups), row_bytes = a.k / 2;
   __m256 acc[COLS * ROWS];  // start from the offset terms
   for (int c = 0; c < COLS; ++c)
@@ -190,8 +192,6 @@ inline void int8_tile(const int8_t* weight, const float* row_scales, const Quant
   for (int c = 0; c < COLS; ++c)
     for (int r = 0; r < ROWS; ++r) out[(first + r) * n + j + c] = horizontal_sum(acc[c * ROWS + r]) * row_scales[j + c];
 }
-
-constexpr int kTileRows = 4;
 
 // Calls tile(j, first, scratch, COLS-tag, ROWS-tag) over every weight row j and activation row: one weight row
 // against blocks of kTileRows activation rows, then DECODE_COLS weight rows at once against each single activation
@@ -238,8 +238,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   // scratch: the group scales of a tile's weight rows x activation rows
   // 4 weight rows at once against one activation row: ~5 % faster decode on SmolLM2's shapes with two AVX2 cores
   constexpr int decode_cols = 4;
-  const int64_t scratch_floats = std::max(kTileRows, decode_cols) * padded_groups(a.groups);
-  for_each_output<decode_cols>(m, n, scratch_floats, [&](int64_t j, int64_t r, float* group_scales, auto cols, auto rows) {
+  for_each_output<decode_cols>(m, n, kTileRows * padded_groups(a.groups), [&](int64_t j, int64_t r, float* group_scales, auto cols, auto rows) {
     int4_tile<decltype(cols)::value, decltype(rows)::value>(w, sz, a, j, r, group_scales, o, n);
   });
   return out;

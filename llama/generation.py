@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 from llama.checkpoint import load_model
 from llama.model import Transformer
@@ -353,12 +354,13 @@ class Llama:
 
 def _compiled_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
     options = {}
-    if model.tok_embeddings.weight.device.type == "cuda":  # CUDA graphs: one launch per decode step
+    device = model.tok_embeddings.weight.device.type
+    if device == "cuda":  # CUDA graphs: one launch per decode step
         options.update(torch._inductor.list_mode_options("reduce-overhead"))
-    elif hasattr(torch._inductor.config, "cpp_wrapper_build_separate"):  # torch >= 2.8
+    elif device == "cpu" and hasattr(inductor_config, "cpp_wrapper_build_separate"):
         # On CPU the step's ~500 calls (kernels, matmuls, attention) from a C++ wrapper rather than Python: ~15 %
         # faster decode of SmolLM2 on 2 cores. Built apart from the kernels, it adds ~20 s to the first compile
-        # (together with them, ~160 s).
+        # (together with them, ~160 s). An option of torch >= 2.8, measured on 2.13.
         options.update(cpp_wrapper=True, cpp_wrapper_build_separate=True)
     skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.7
     if skip_module_guards:

@@ -27,10 +27,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_grads else None
         grad_weight = torch.empty_like(weight) if want_grads else None
-        logits_buffer = hidden.new_empty(min(chunk_tokens, n), weight.shape[0])  # reused: its pages fault in once
         for start in range(0, n, chunk_tokens):
             h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-            logits = torch.matmul(h, weight.T, out=logits_buffer[: len(h)]).to(loss_dtype)  # (chunk, vocab_size)
+            logits = (h @ weight.T).to(loss_dtype)  # (chunk, vocab_size)
             target_logits = logits.gather(1, t[:, None])  # (chunk, 1)
             top = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(top).exp_()  # in place of the logits
@@ -56,5 +55,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     hidden: (..., dim); weight: (vocab_size, dim); targets: (...) token ids."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if hidden.shape[0] == 0:
+        raise ValueError("linear_cross_entropy: no tokens (the mean over none is undefined)")
     chunk_tokens = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 1 << 28) // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)

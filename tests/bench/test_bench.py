@@ -8,6 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+import bench.train
+from llama.model import ModelArgs, Transformer
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -51,9 +57,18 @@ def test_train_benchmark_matches_transformers_loss(tmp_path):
     for row in (hf, ours):
         assert row["tokens_per_s"] > 0 and row["mfu"] is None
     assert abs(ours["x_vs_hf"] - ours["tokens_per_s"] / hf["tokens_per_s"]) < 1e-9
-    # the matmul floor is part of a step, so it bounds the speed-up from above
+    # the matmul floor is part of a step
     assert 0 < result["linear_matmul_floor_s"] < hf["step_s"]
     assert result["max_x_vs_hf"] == hf["step_s"] / result["linear_matmul_floor_s"]
     # the same weights and batches: the two loops compute the same losses
     assert abs(ours["first_loss"] - hf["first_loss"]) < 1e-4
     assert abs(ours["last_loss"] - hf["last_loss"]) < 1e-3
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_matmul_floor_times_every_linear_layer_once(monkeypatch, tie_embeddings):
+    monkeypatch.setattr(bench.train, "timed", lambda fn, device: 1.0)  # one second per weight's three matmuls
+    model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                  tie_embeddings=tie_embeddings))
+    # 7 linears per block (q, k, v, o, gate, up, down) and the output projection, tied or not
+    assert bench.train.linear_matmul_floor_s(model, 8, torch.float32, torch.device("cpu")) == 7 * 3 + 1

@@ -36,6 +36,11 @@ def test_bf16_stays_within_bf16_rounding_of_the_fp32_loss():
     assert abs(linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), targets) - reference) < 2e-2
 
 
+def test_no_tokens_is_refused():
+    with pytest.raises(ValueError, match="no tokens"):
+        linear_cross_entropy(torch.zeros(2, 0, 8), torch.zeros(16, 8), torch.zeros(2, 0, dtype=torch.long))
+
+
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_model_with_targets_trains_like_logits_then_cross_entropy(tie_embeddings):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=200, multiple_of=32, max_seq_len=32,

@@ -84,7 +84,7 @@ def test_int4_linear_reproduces_a_q4_1_weight_exactly(cpu_kernel):
 # SGEMM_FROM_ROWS rows on, sgemm takes them. Their per-group scales come 8 groups at a time: 3 groups are fewer than
 # 8, 11 are 8 and a partial block. 50 weight rows leave a ragged end in each thread's share (PyTorch's kernel takes
 # multiples of 16 only).
-@pytest.mark.parametrize("batch", [1, 3, 8, 40])
+@pytest.mark.parametrize("batch", [1, 3, 5, 8, 40])  # 5: a block of 4, then a single row
 @pytest.mark.parametrize("groups", [3, 11])
 def test_int4_linear_takes_any_number_of_rows_and_groups(cpu_kernel, batch, groups):
     generator = torch.Generator().manual_seed(batch)
