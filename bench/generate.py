@@ -1,6 +1,7 @@
 """Generation speed: time to first token and decode tokens/s of our ``Llama`` (eager, compiled, int8, int4
 and their compiled forms) against transformers' ``LlamaForCausalLM.generate`` on the same weights, dtype and
-machine, in the same run.
+machine, in the same run. Where the model is a GGUF file and ``llama_cpp`` (llama-cpp-python) is installed,
+llama.cpp on that very file joins them at batch 1 (its Python API decodes one sequence).
 
     python -m bench.generate                  # CPU: SmolLM2-135M fp32, 2 threads; GPU: random Llama-3 8B and 1B, bf16
     python -m bench.generate --quick          # a tiny random model and a few tokens (what the tests run)
@@ -14,9 +15,9 @@ On GPU, MBU = weight bytes read per decode step × steps/s ÷ memory bandwidth m
 from __future__ import annotations
 
 import gc
+import importlib.util
 import tempfile
 from functools import partial
-from itertools import product
 from pathlib import Path
 
 import fire
@@ -24,7 +25,7 @@ import torch
 
 from bench.common import memory_bandwidth, print_table, timed, timed_in_turns, write_result
 from llama.checkpoint import save_hf
-from llama.default_model import default_checkpoint
+from llama.default_model import default_checkpoint, smollm2_gguf
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
@@ -83,6 +84,31 @@ def hf_generator(folder: Path, dtype, device, pad_id: int):
     return generate
 
 
+def llama_cpp_generator(gguf: Path, max_seq_len: int):
+    """llama.cpp (llama-cpp-python) on the GGUF file, greedy, batch 1, with this process's thread count."""
+    from llama_cpp import Llama as LlamaCpp
+
+    threads = torch.get_num_threads()
+    llm = LlamaCpp(str(gguf), n_ctx=max_seq_len, n_batch=max_seq_len, n_threads=threads, n_threads_batch=threads,
+                   verbose=False)
+
+    def generate(prompts: list[list[int]], n: int) -> int:
+        (prompt,) = prompts
+        llm.reset()  # each run prefills the whole prompt again, as ours and transformers' do
+        tokens = llm.generate(prompt, top_k=1, temp=0.0)  # yields tokens until told to stop
+        return sum(1 for _, _ in zip(range(n), tokens))
+
+    return generate
+
+
+def peers(gguf: Path | None, device: torch.device) -> list[str]:
+    """The other systems measured: transformers always; llama.cpp on CPU where the weights come from a GGUF file."""
+    found = ["transformers"]
+    if device.type == "cpu" and gguf is not None and importlib.util.find_spec("llama_cpp") is not None:
+        found.append("llama.cpp")
+    return found
+
+
 def our_generator(folder: Path, dtype, device, max_seq_len: int, max_batch_size: int, variant: str):
     """Our ``generate`` through ``Llama``, and the weight bytes one decode step reads."""
     compile, quantize = VARIANTS[variant]
@@ -96,8 +122,10 @@ def our_generator(folder: Path, dtype, device, max_seq_len: int, max_batch_size:
     return generate, decode_weight_bytes(llm.model)
 
 
-def bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_sizes, variants, repeats, bandwidth):
-    """Rows for transformers then each of our variants, on the checkpoint in ``folder``.
+def bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_sizes, variants, repeats, bandwidth,
+                     gguf=None):
+    """Rows for the peers (transformers, and llama.cpp at batch 1 on ``gguf``, the file ``folder`` was converted
+    from) then each of our variants, on the checkpoint in ``folder``.
 
     Each variant is warmed up first (compilation happens there), then TTFT and N-token runs are timed, best of
     ``repeats``. On CPU all variants are loaded together and timed in turns, so that load from other processes
@@ -105,7 +133,8 @@ def bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_size
     tokenizer = load_tokenizer(folder)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     max_seq_len = len(prompt) + gen_tokens
-    names = ["transformers", *variants]
+    names = [*peers(gguf, device), *variants]
+    batches = {name: [1] if name == "llama.cpp" else batch_sizes for name in names}
     groups = [names] if device.type == "cpu" else [[v] for v in names]
     rows = {}
     for group in groups:
@@ -113,13 +142,15 @@ def bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_size
         for variant in group:
             if variant == "transformers":
                 generators[variant] = hf_generator(folder, dtype, device, pad_id)
+            elif variant == "llama.cpp":
+                generators[variant] = llama_cpp_generator(gguf, max_seq_len)
             else:
                 generators[variant], weight_bytes[variant] = our_generator(
                     folder, dtype, device, max_seq_len, max(batch_sizes), variant
                 )
         runs = {}  # (variant, batch, tokens asked) -> run
         for variant, generate in generators.items():
-            for batch in batch_sizes:
+            for batch in batches[variant]:
                 prompts = batch_prompts(prompt, batch)
                 counted = []
                 warmup_s = timed(lambda: counted.append(generate(prompts, gen_tokens)), device)
@@ -130,11 +161,12 @@ def bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_size
                 for n in (1, gen_tokens):
                     runs[variant, batch, n] = partial(generate, prompts, n)
         seconds = {key: min(s) for key, s in timed_in_turns(runs, repeats, device).items()}
-        for variant, batch in product(group, batch_sizes):
-            row, ttft = rows[variant, batch], seconds[variant, batch, 1]
-            row["ttft_ms"] = 1000 * ttft
-            row["decode_tok_s"] = (row["gen_tokens"] - 1) / (seconds[variant, batch, gen_tokens] - ttft)
-            row["aggregate_tok_s"] = row["decode_tok_s"] * batch
+        for variant in group:
+            for batch in batches[variant]:
+                row, ttft = rows[variant, batch], seconds[variant, batch, 1]
+                row["ttft_ms"] = 1000 * ttft
+                row["decode_tok_s"] = (row["gen_tokens"] - 1) / (seconds[variant, batch, gen_tokens] - ttft)
+                row["aggregate_tok_s"] = row["decode_tok_s"] * batch
         del generators
         gc.collect()
         if device.type == "cuda":
@@ -145,10 +177,12 @@ def bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_size
         if variant == "transformers" and "eager" in variants:
             row["weight_bytes"] = rows["eager", batch]["weight_bytes"]  # the same weights
         row["x_vs_hf"] = ratio(row["decode_tok_s"], hf["decode_tok_s"])
+        llama_cpp = rows.get(("llama.cpp", batch))
+        row["x_vs_llama_cpp"] = ratio(row["decode_tok_s"], llama_cpp["decode_tok_s"]) if llama_cpp else None
         row["ttft_x_vs_hf"] = ratio(hf["ttft_ms"], row["ttft_ms"])
         # batch rows share each weight read, so bytes per step x steps per second
         row["mbu"] = ratio(row["weight_bytes"] * row["decode_tok_s"], bandwidth) if row["weight_bytes"] else None
-    return [rows[v, b] for v in names for b in batch_sizes]
+    return [rows[v, b] for v in names for b in batches[v]]
 
 
 def ratio(a, b):
@@ -203,14 +237,14 @@ def main(
         for name, source in models.items():
             if isinstance(source, ModelArgs):
                 folder = random_checkpoint(source, Path(tmp) / name, smollm2_tokenizer, dtype, device)
-                prompt = random_prompt
-            else:
-                folder, prompt = source, smollm2_tokenizer.encode(PROMPT)
+                prompt, gguf = random_prompt, None
+            else:  # SmolLM2: the fp32 folder converted from its GGUF file, which llama.cpp reads
+                folder, prompt, gguf = source, smollm2_tokenizer.encode(PROMPT), smollm2_gguf()
             rows += bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_sizes, variants,
-                                     repeats, bandwidth)
+                                     repeats, bandwidth, gguf)
 
     print_table(rows, ["model", "variant", "batch", "warmup_s", "ttft_ms", "ttft_x_vs_hf", "decode_tok_s",
-                       "aggregate_tok_s", "x_vs_hf", "mbu"])
+                       "aggregate_tok_s", "x_vs_hf", "x_vs_llama_cpp", "mbu"])
     path = write_result("generate", device, rows, out_dir=output, dtype=str(dtype).removeprefix("torch."),
                         bandwidth_bytes_s=bandwidth)
     print(f"wrote {path}")
