@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch._inductor.config as inductor_config
 
 from llama.checkpoint import load_model
 from llama.model import Transformer
@@ -353,6 +352,8 @@ class Llama:
 
 
 def _compiled_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
+    from torch._inductor import config as inductor_config  # here: importing Inductor takes ~1 s
+
     options = {}
     device = model.tok_embeddings.weight.device.type
     if device == "cuda":  # CUDA graphs: one launch per decode step

@@ -3,7 +3,7 @@
 Batch-1 decode reads every weight once per token, so halving (vs bf16) or quartering (vs fp32) the bytes read
 speeds it up about as much, provided the matmul unpacks weights as fast as memory delivers them. The matmuls:
 - CPU with AVX2: our kernels (``llama/cpu_kernels.cpp``), which round the activations to int16 per group of 32
-  and take integer dot products: ~2x PyTorch's packed kernels on batch-1 decode. From 32 activation rows on
+  and take integer dot products: up to ~4x PyTorch's packed kernels on batch-1 decode. From 32 activation rows on
   (prefill) the weight is dequantised and the matmul is sgemm's.
 - other CPUs, or where the kernels cannot be built: PyTorch's ``_weight_int8pack_mm`` and
   ``_weight_int4pack_mm_for_cpu``, on bf16 activations.
@@ -39,6 +39,15 @@ def _tokens_by_features(x: torch.Tensor, in_features: int, dtype: torch.dtype) -
     return x.reshape(-1, in_features).to(dtype).contiguous()  # the kernels take 2-D input
 
 
+def _run_our_kernels(x: torch.Tensor, in_features: int, kernel, dequantize) -> torch.Tensor:
+    """``kernel(flat)`` for decode-sized inputs; from SGEMM_FROM_ROWS rows on (prefill), sgemm on the weight
+    ``dequantize()`` gives. Returns (tokens, out_features) float32."""
+    flat = _tokens_by_features(x, in_features, torch.float32)
+    if flat.shape[0] >= cpu_kernels.SGEMM_FROM_ROWS:
+        return F.linear(flat, dequantize())
+    return kernel(flat)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -59,11 +68,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
-            flat = _tokens_by_features(x, self.in_features, torch.float32)
-            if flat.shape[0] >= cpu_kernels.SGEMM_FROM_ROWS:
-                out = F.linear(flat, self.weight.float() * self.scales[:, None])
-            else:
-                out = torch.ops.llama_one.int8_linear(flat, self.weight, self.scales)
+            out = _run_our_kernels(
+                x, self.in_features,
+                kernel=lambda flat: torch.ops.llama_one.int8_linear(flat, self.weight, self.scales),
+                dequantize=lambda: self.weight.float() * self.scales[:, None],
+            )
         elif x.device.type == "cpu":
             flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
@@ -121,11 +130,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
-            flat = _tokens_by_features(x, self.in_features, torch.float32)
-            if flat.shape[0] >= cpu_kernels.SGEMM_FROM_ROWS:
-                out = F.linear(flat, torch.ops.llama_one.int4_dequantize(self.weight, self.scales_and_zeros))
-            else:
-                out = torch.ops.llama_one.int4_linear(flat, self.weight, self.scales_and_zeros)
+            out = _run_our_kernels(
+                x, self.in_features,
+                kernel=lambda flat: torch.ops.llama_one.int4_linear(flat, self.weight, self.scales_and_zeros),
+                dequantize=lambda: torch.ops.llama_one.int4_dequantize(self.weight, self.scales_and_zeros),
+            )
         else:
             flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
             if x.device.type == "cpu":
