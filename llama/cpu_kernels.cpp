@@ -7,14 +7,20 @@
 // each group's dot product is an integer one (vpmaddwd on weights widened to int16) scaled once per group: up to
 // ~40 G weights/s on SmolLM2's larger int4 shapes, ~4x PyTorch's kernels and near what two cores read from memory.
 // The int4 offset term takes the exact float group sums of the activations.
+//
+// Also here: attention of one query per row over a float32 KV cache (decode_attention, at the end).
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -293,16 +299,113 @@ at::Tensor int4_dequantize(const at::Tensor& weight, const at::Tensor& scales_an
   return out;
 }
 
+// Decode attention: one query per row over a float32 cache. out[b, h] = softmax over the slots mask[b] allows of
+// q[b, h] . k[b, g] / sqrt(d), times v[b, g], where kv head g = h / (heads per kv head). SDPA's CPU kernel takes
+// ~25 us a call at SmolLM2's decode shapes (9 heads of 64 over ~100 slots), mostly setting up tiles meant for long
+// queries; this takes ~5. A row that allows no slot gets zeros.
+struct CacheView {
+  const float* data;
+  int64_t batch_stride, head_stride, slot_stride;
+  explicit CacheView(const at::Tensor& t)
+      : data(t.data_ptr<float>()), batch_stride(t.stride(0)), head_stride(t.stride(1)), slot_stride(t.stride(2)) {}
+  const float* at(int64_t b, int64_t head) const { return data + b * batch_stride + head * head_stride; }
+};
+
+// weights[j] = <query, key j> * scale for N keys at once, so that their FMA chains overlap.
+template <int64_t D, int N>
+inline void scores(const float* query, const float* keys, int64_t key_stride, float scale, float* weights) {
+  __m256 dot[N];
+  for (int j = 0; j < N; ++j) dot[j] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < D; e += 8) {
+    const __m256 query_part = _mm256_loadu_ps(query + e);
+    for (int j = 0; j < N; ++j) dot[j] = _mm256_fmadd_ps(query_part, _mm256_loadu_ps(keys + j * key_stride + e), dot[j]);
+  }
+  for (int j = 0; j < N; ++j) weights[j] = horizontal_sum(dot[j]) * scale;
+}
+
+// One (row, head): the head dimension D is a constant so that the D / 8 output accumulators stay in registers.
+template <int64_t D>
+void attend_one(const float* query, const float* keys, const float* values, const bool* allowed, int64_t len,
+                int64_t key_stride, int64_t value_stride, int64_t mask_stride, float* weights, float* out) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kVecs = D / 8;
+  constexpr int kBlock = 8;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  int64_t slot = 0;
+  for (; slot + kBlock <= len; slot += kBlock)
+    scores<D, kBlock>(query, keys + slot * key_stride, key_stride, scale, weights + slot);
+  for (; slot < len; ++slot) scores<D, 1>(query, keys + slot * key_stride, key_stride, scale, weights + slot);
+  float top = -std::numeric_limits<float>::infinity();
+  for (slot = 0; slot < len; ++slot) {
+    if (!allowed[slot * mask_stride]) weights[slot] = -std::numeric_limits<float>::infinity();
+    top = std::max(top, weights[slot]);
+  }
+  // exp(score - top): 0 at masked slots; with none allowed, top stays -inf and every weight 0
+  const Vec top_v(std::isinf(top) ? 0.f : top);
+  Vec total_v(0.f);
+  for (slot = 0; slot < len; slot += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), len - slot);
+    const Vec e = (Vec::loadu(weights + slot, count) - top_v).exp();
+    e.store(weights + slot, count);
+    total_v = total_v + Vec::set(Vec(0.f), e, count);
+  }
+  const float total = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, total_v);
+  __m256 sum[kVecs];
+  for (int64_t e = 0; e < kVecs; ++e) sum[e] = _mm256_setzero_ps();
+  for (slot = 0; slot < len; ++slot) {
+    const __m256 w = _mm256_set1_ps(weights[slot]);
+    for (int64_t e = 0; e < kVecs; ++e)
+      sum[e] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values + slot * value_stride + 8 * e), sum[e]);
+  }
+  const __m256 inverse = _mm256_set1_ps(total > 0.f ? 1.f / total : 0.f);
+  for (int64_t e = 0; e < kVecs; ++e) _mm256_storeu_ps(out + 8 * e, _mm256_mul_ps(sum[e], inverse));
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  // q (bs, heads, 1, d); k, v (bs, kv_heads, len, d), each slot's d floats contiguous; mask (bs, 1, 1, len) bool
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat && q.stride(3) == 1,
+              "llama_one: decode_attention takes one float32 query per row, (bs, heads, 1, head_dim)");
+  const int64_t bs = q.size(0), heads = q.size(1), d = q.size(3), kv_heads = k.size(1), len = k.size(2);
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->size(0) == bs && t->size(1) == kv_heads &&
+                    t->size(2) == len && t->size(3) == d && t->stride(3) == 1,
+                "llama_one: decode_attention's keys and values must be float32 (bs, kv_heads, len, head_dim)");
+  TORCH_CHECK((d == 64 || d == 128) && kv_heads > 0 && heads % kv_heads == 0,
+              "llama_one: decode_attention takes head_dim 64 or 128 and heads a multiple of kv_heads");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == bs && mask.size(3) == len,
+              "llama_one: decode_attention's mask must be bool (bs, 1, 1, len)");
+  at::Tensor out = at::empty({bs, heads, 1, d}, q.options());
+  const CacheView keys(k), values(v);
+  const float* q_data = q.data_ptr<float>();
+  const int64_t q_batch_stride = q.stride(0), q_head_stride = q.stride(1);
+  const bool* mask_data = mask.data_ptr<bool>();
+  const int64_t mask_row_stride = mask.stride(0), mask_stride = mask.stride(3);
+  float* out_data = out.data_ptr<float>();
+  auto attend = d == 64 ? attend_one<64> : attend_one<128>;
+  at::parallel_for(0, bs * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(len);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / heads, h = i % heads, g = h / (heads / kv_heads);
+      attend(q_data + b * q_batch_stride + h * q_head_stride, keys.at(b, g), values.at(b, g),
+             mask_data + b * mask_row_stride, len, keys.slot_stride, values.slot_stride, mask_stride, weights.data(),
+             out_data + i * d);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_one, lib) {
   lib.def("int4_linear(Tensor x, Tensor weight, Tensor scales_and_zeros) -> Tensor");
   lib.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   lib.def("int4_dequantize(Tensor weight, Tensor scales_and_zeros) -> Tensor");
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_one, CPU, lib) {
   lib.impl("int4_linear", &int4_linear);
   lib.impl("int8_linear", &int8_linear);
   lib.impl("int4_dequantize", &int4_dequantize);
+  lib.impl("decode_attention", &decode_attention);
 }

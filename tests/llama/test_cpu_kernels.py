@@ -41,3 +41,39 @@ def test_the_kernels_build_from_source(tmp_path):
     result = probe(tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True", "(2,", "48)"]
+
+
+@pytest.mark.parametrize(
+    "bs, heads, kv_heads, length, head_dim",
+    [(1, 9, 3, 100, 64), (3, 8, 8, 37, 128), (2, 4, 1, 5, 64), (2, 6, 2, 300, 128)],
+)
+def test_decode_attention_equals_sdpa(bs, heads, kv_heads, length, head_dim):
+    import torch
+    import torch.nn.functional as F
+
+    from llama import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the kernels need an x86 CPU with AVX2 and a C++ compiler")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(bs, heads, 1, head_dim, generator=gen)
+    cache = torch.randn(2, bs, kv_heads, length + 7, head_dim, generator=gen)
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]  # the first slots of a longer cache, as decode reads it
+    mask = torch.rand(bs, 1, 1, length, generator=gen) > 0.4
+    mask[:, :, :, -1] = True  # every row attends to at least its newest slot
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(torch.ops.llama_one.decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_of_a_row_with_no_allowed_slot_is_zero():
+    import torch
+
+    from llama import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the kernels need an x86 CPU with AVX2 and a C++ compiler")
+    q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 10, 64), torch.randn(2, 2, 10, 64)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1] = False
+    out = torch.ops.llama_one.decode_attention(q, k, v, mask)
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0

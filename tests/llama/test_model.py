@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import llama.model
+from llama import cpu_kernels
 from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64)
@@ -53,13 +54,15 @@ def test_tied_model_has_no_output_projection():
     assert "output.weight" not in model.state_dict()
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_cached_prefill_and_decode_equal_full_forward(n_kv_heads):
-    model = Transformer(ModelArgs(**{**TINY, "n_kv_heads": n_kv_heads})).eval()
+@pytest.mark.parametrize("n_kv_heads, head_dim", [(4, None), (2, None), (1, None), (2, 64)])
+def test_cached_prefill_and_decode_equal_full_forward(n_kv_heads, head_dim):
+    # head_dim 64 takes our CPU decode-attention kernel where it is built, the others SDPA
+    model = Transformer(ModelArgs(**{**TINY, "n_kv_heads": n_kv_heads, "head_dim": head_dim})).eval()
     tokens = torch.randint(0, 128, (3, 20))
     with torch.no_grad():
         full = model(tokens)
         model.setup_caches(max_batch_size=4, max_seq_len=32)
+        assert model.layers[0].attention.kv_cache.decode_kernel == (head_dim == 64 and cpu_kernels.available())
         steps = [model(tokens[:, :12], input_pos=torch.arange(12))]
         steps += [model(tokens[:, i : i + 1], input_pos=torch.tensor([i])) for i in range(12, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
