@@ -36,6 +36,26 @@ def test_bf16_stays_within_bf16_rounding_of_the_fp32_loss():
     assert abs(linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), targets) - reference) < 2e-2
 
 
+def test_autocast_chunks_take_the_same_bf16_logits_as_the_unfused_loss(monkeypatch):
+    monkeypatch.setitem(llama.loss.CHUNK_ELEMENTS, "cpu", 300 * 50)  # chunks of 50 tokens: later ones after the first
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 70, 32, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 32, generator=generator, requires_grad=True)
+    targets = torch.randint(300, (2, 70), generator=generator)
+    with torch.autocast("cpu", torch.bfloat16):
+        ours, expected = linear_cross_entropy(hidden, weight, targets), unfused(hidden, weight, targets)
+    # bf16 logits in every chunk, as autocast gives the unfused loss (fp32 ones would be off by ~1e-3 here)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_backward_through_the_loss_is_refused():
+    hidden = torch.randn(5, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.randn(11, 8), torch.randint(11, (5,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_no_tokens_is_refused():
     with pytest.raises(ValueError, match="no tokens"):
         linear_cross_entropy(torch.zeros(2, 0, 8), torch.zeros(16, 8), torch.zeros(2, 0, dtype=torch.long))
