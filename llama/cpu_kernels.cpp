@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -41,6 +42,10 @@ inline float horizontal_max(__m256 v) {
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+
+// Into L1 ahead of use. An address rather than a pointer: prefetches may reach past the end of a tensor (they never
+// fault), which pointer arithmetic may not.
+inline void prefetch(uintptr_t address) { _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0); }
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t widened = static_cast<uint32_t>(bits) << 16;
@@ -110,7 +115,7 @@ struct Int8Group {
 // unpacked once for the ROWS activation rows and each activation group loaded once for the COLS weight rows.
 // Tiles of fewer than 4 accumulators also split even and odd groups, so that the FMA latency chains overlap.
 // Decode reads each weight once, from memory: the same group of the next tile's rows is prefetched as this one's is
-// used (~15 % faster int4 decode matmuls than the hardware prefetcher alone; prefetches past the end never fault).
+// used (~15 % faster int4 decode matmuls than the hardware prefetcher alone).
 template <int COLS, int ROWS, class Group, class Row>
 inline void tile_dots(const Row* row, int64_t row_stride, const QuantisedActivations& a, int64_t first,
                       const float* scales, int64_t col_stride, int64_t row_stride_s, __m256* acc) {
@@ -122,7 +127,7 @@ inline void tile_dots(const Row* row, int64_t row_stride, const QuantisedActivat
   auto accumulate = [&](__m256* into, int64_t g) {
     __m256i low[COLS], high[COLS];
     for (int c = 0; c < COLS; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + (c + COLS) * row_stride + g * Group::kBytes), _MM_HINT_T0);
+      prefetch(reinterpret_cast<uintptr_t>(row + c * row_stride + g * Group::kBytes) + COLS * row_stride * sizeof(Row));
       const Group weights(row + c * row_stride, g);
       low[c] = weights.low;
       high[c] = weights.high;
@@ -179,9 +184,10 @@ inline void int4_tile(const uint8_t* weight, const uint16_t* scales_and_zeros, c
                       int64_t j, int64_t first, float* group_scales, float* out, int64_t n) {
   static_assert(COLS * ROWS <= kTileRows, "the scratch holds kTileRows rows of group scales");
   const int64_t stride = padded_groups(a.groups), row_bytes = a.k / 2;
-  // the next tile's scales, ahead of its prologue (~10 % more, on top of the weights' prefetch)
-  const char* next_scales = reinterpret_cast<const char*>(scales_and_zeros + (j + COLS) * a.groups * 2);
-  for (int64_t byte = 0; byte < COLS * a.groups * 4; byte += 64) _mm_prefetch(next_scales + byte, _MM_HINT_T0);
+  // the next tile's scales, every cache line of them, ahead of its prologue (~10 % more, on top of the weights')
+  const uintptr_t next_scales = reinterpret_cast<uintptr_t>(scales_and_zeros + (j + COLS) * a.groups * 2);
+  for (uintptr_t line = next_scales & ~uintptr_t{63}; line < next_scales + COLS * a.groups * 4; line += 64)
+    prefetch(line);
   __m256 acc[COLS * ROWS];  // start from the offset terms
   for (int c = 0; c < COLS; ++c)
     for (int r = 0; r < ROWS; ++r) {
@@ -331,6 +337,8 @@ void attend_one(const float* query, const float* keys, const float* values, cons
   constexpr int64_t kVecs = D / 8;
   constexpr int kBlock = 8;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  // slots after the last allowed one (a static cache's future, in compiled decode) cost nothing
+  while (len > 0 && !allowed[(len - 1) * mask_stride]) --len;
   int64_t slot = 0;
   for (; slot + kBlock <= len; slot += kBlock)
     scores<D, kBlock>(query, keys + slot * key_stride, key_stride, scale, weights + slot);
@@ -341,7 +349,7 @@ void attend_one(const float* query, const float* keys, const float* values, cons
     top = std::max(top, weights[slot]);
   }
   // exp(score - top): 0 at masked slots; with none allowed, top stays -inf and every weight 0
-  const Vec top_v(std::isinf(top) ? 0.f : top);
+  const Vec top_v(top == -std::numeric_limits<float>::infinity() ? 0.f : top);
   Vec total_v(0.f);
   for (slot = 0; slot < len; slot += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), len - slot);
@@ -353,6 +361,7 @@ void attend_one(const float* query, const float* keys, const float* values, cons
   __m256 sum[kVecs];
   for (int64_t e = 0; e < kVecs; ++e) sum[e] = _mm256_setzero_ps();
   for (slot = 0; slot < len; ++slot) {
+    if (weights[slot] == 0.f) continue;  // masked: whatever the cache holds there is not read
     const __m256 w = _mm256_set1_ps(weights[slot]);
     for (int64_t e = 0; e < kVecs; ++e)
       sum[e] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values + slot * value_stride + 8 * e), sum[e]);
@@ -372,7 +381,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                 "llama_one: decode_attention's keys and values must be float32 (bs, kv_heads, len, head_dim)");
   TORCH_CHECK((d == 64 || d == 128) && kv_heads > 0 && heads % kv_heads == 0,
               "llama_one: decode_attention takes head_dim 64 or 128 and heads a multiple of kv_heads");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == bs && mask.size(3) == len,
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && mask.size(0) == bs && mask.size(1) == 1 &&
+                  mask.size(2) == 1 && mask.size(3) == len,
               "llama_one: decode_attention's mask must be bool (bs, 1, 1, len)");
   at::Tensor out = at::empty({bs, heads, 1, d}, q.options());
   const CacheView keys(k), values(v);

@@ -30,17 +30,18 @@ def available() -> bool:
         return False
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:  # the ninja package's binary, when this environment's bin/ is not on PATH
-        import ninja
-
-        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     try:
+        if shutil.which("ninja") is None:  # the ninja package's binary, when this environment's bin/ is not on PATH
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
         cpp_extension.load(
             name="llama_one_cpu_kernels",
             sources=[str(SOURCE)],
             # -fopenmp for at::parallel_for's pragmas; the OpenMP runtime is the one PyTorch has already loaded
-            # CPU_CAPABILITY: ATen's AVX2 vector types (at::vec), whose exp is Sleef's, as PyTorch's own kernels use
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+            # CPU_CAPABILITY: ATen's AVX2 vector types (at::vec; the exp is Sleef's, exported by libtorch_cpu since at
+            # least 2.7), as PyTorch's own kernels use
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )

@@ -173,7 +173,10 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (bs, n_kv_heads, max_seq_len, head_dim)
             kv_len = mask.shape[-1]  # attend over the first kv_len cache slots only
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-            if seqlen == 1 and self.kv_cache.decode_kernel and q.device.type == "cpu" and q.dtype == torch.float32:
+            if (
+                seqlen == 1 and self.kv_cache.decode_kernel and not torch.is_grad_enabled()  # the kernel has no backward
+                and q.device.type == "cpu" and q.dtype == torch.float32 and mask.dtype == torch.bool
+            ):
                 out = torch.ops.llama_one.decode_attention(q, k, v, mask.expand(bs, 1, 1, kv_len))
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -44,10 +44,17 @@ def test_the_kernels_build_from_source(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bs, heads, kv_heads, length, head_dim",
-    [(1, 9, 3, 100, 64), (3, 8, 8, 37, 128), (2, 4, 1, 5, 64), (2, 6, 2, 300, 128)],
+    "bs, heads, kv_heads, length, head_dim, q_scale, mask_rows",
+    [
+        (1, 9, 3, 100, 64, 1, 1),
+        (3, 8, 8, 37, 128, 1, 3),
+        (2, 4, 1, 5, 64, 1, 2),
+        (2, 6, 2, 300, 128, 1, 2),
+        (2, 4, 2, 19, 64, 100, 2),  # scores in the hundreds: exp overflows unless the row's max is taken out first
+        (3, 4, 2, 50, 64, 1, 1),  # one mask row for the whole batch (expanded, batch stride 0)
+    ],
 )
-def test_decode_attention_equals_sdpa(bs, heads, kv_heads, length, head_dim):
+def test_decode_attention_equals_sdpa(bs, heads, kv_heads, length, head_dim, q_scale, mask_rows):
     import torch
     import torch.nn.functional as F
 
@@ -56,13 +63,15 @@ def test_decode_attention_equals_sdpa(bs, heads, kv_heads, length, head_dim):
     if not cpu_kernels.available():
         pytest.skip("the kernels need an x86 CPU with AVX2 and a C++ compiler")
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(bs, heads, 1, head_dim, generator=gen)
+    q = torch.randn(bs, heads, 1, head_dim, generator=gen) * q_scale
     cache = torch.randn(2, bs, kv_heads, length + 7, head_dim, generator=gen)
     k, v = cache[0, :, :, :length], cache[1, :, :, :length]  # the first slots of a longer cache, as decode reads it
-    mask = torch.rand(bs, 1, 1, length, generator=gen) > 0.4
-    mask[:, :, :, -1] = True  # every row attends to at least its newest slot
+    mask = torch.rand(mask_rows, 1, 1, length, generator=gen) > 0.4
+    mask[..., 0] = True  # every row attends to some slot...
+    mask[..., -3:] = False  # ...but not to the last ones (a static cache's future slots)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(torch.ops.llama_one.decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    ours = torch.ops.llama_one.decode_attention(q, k, v, mask.expand(bs, 1, 1, length))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_attention_of_a_row_with_no_allowed_slot_is_zero():
