@@ -133,7 +133,7 @@ class Llama:
         in ``build`` continues."""
         rows, settings = self._request(prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed)
         for chunk in self._chunks(rows):
-            for _ in self._decode(chunk, settings, prompt_logprobs=logprobs and echo):
+            for _ in self._decode(chunk, settings, logprobs, prompt_logprobs=logprobs and echo):
                 pass
         out_tokens = [(r.prompt if echo else []) + r.tokens for r in rows]
         if not logprobs:
@@ -272,9 +272,11 @@ class Llama:
             yield rows[start : start + self.max_batch_size]
 
     @torch.inference_mode()
-    def _decode(self, rows: list[_Row], settings: _Settings, prompt_logprobs: bool = False) -> Iterator[None]:
-        """Prefill ``rows`` in one forward, then decode one token per row per step, appending to the rows;
-        yields after every step."""
+    def _decode(
+        self, rows: list[_Row], settings: _Settings, logprobs: bool = False, prompt_logprobs: bool = False
+    ) -> Iterator[None]:
+        """Prefill ``rows`` in one forward, then decode one token per row per step, appending to the rows (and
+        the chosen tokens' logprobs with ``logprobs``); yields after every step."""
         bs, prompt_len = len(rows), max(len(r.prompt) for r in rows)
         n_steps = self.max_seq_len - prompt_len
         if settings.max_gen_len is not None:
@@ -306,16 +308,19 @@ class Llama:
 
         for step in range(n_steps):
             next_tokens = sample(logits, settings.temperature, settings.top_p, settings.top_k, settings.generator)
-            chosen_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, next_tokens[:, None])[:, 0]
+            chosen_logprobs = [None] * bs  # a log-softmax over the vocabulary only when asked: ~1 % of a CPU step
+            if logprobs:
+                chosen_logprobs = torch.log_softmax(logits.float(), -1).gather(-1, next_tokens[:, None])[:, 0].tolist()
             finished = torch.isin(next_tokens, stop_ids).tolist()
-            for row, token, logprob, is_stop in zip(rows, next_tokens.tolist(), chosen_logprobs.tolist(), finished):
+            for row, token, logprob, is_stop in zip(rows, next_tokens.tolist(), chosen_logprobs, finished):
                 if row.done:
                     continue
                 if is_stop:
                     row.done = True
                     continue
                 row.tokens.append(token)
-                row.logprobs.append(logprob)
+                if logprobs:
+                    row.logprobs.append(logprob)
                 if len(row.tokens) == n_steps or (stop and self._stop_string_seen(row, stop)):
                     row.done = True
             yield
