@@ -60,8 +60,11 @@ def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | Non
 def write_result(name: str, device: torch.device, rows: list[dict], out_dir: str | Path | None = None,
                  **extra) -> Path:
     """Write <out_dir or bench/results>/<name>-<device>-<utc time>.json and return its path."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:  # no git on the machine (a bare GPU image): the result is still written
+        commit = None
     result = {
         "benchmark": name,
         "device": device_name(device),

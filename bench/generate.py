@@ -167,7 +167,7 @@ def bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_size
                 row["ttft_ms"] = 1000 * ttft
                 row["decode_tok_s"] = (row["gen_tokens"] - 1) / (seconds[variant, batch, gen_tokens] - ttft)
                 row["aggregate_tok_s"] = row["decode_tok_s"] * batch
-        del generators
+        del generators, runs, generate  # the last variant's model too, before the next one loads
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -206,10 +206,15 @@ def main(
     repeats: int = 2,
     threads: int = 2,
     device: str | None = None,
+    models: str | tuple | None = None,
     output: str | None = None,
 ):
-    """Benchmark and write ``generate-<device>-<time>.json`` into ``output`` (default bench/results/)."""
+    """Benchmark and write ``generate-<device>-<time>.json`` into ``output`` (default bench/results/).
+    ``models``: on GPU, some of the random-weight shapes (default all; one at a time fits a 10-minute slot)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = models.split(",") if isinstance(models, str) else list(models or SHAPES)
+    if unknown := [m for m in models if m not in SHAPES]:
+        raise ValueError(f"--models {unknown}: expected some of {list(SHAPES)}")
     variants = variants.split(",") if isinstance(variants, str) else list(variants)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -231,7 +236,7 @@ def main(
         if quick:
             models = {"tiny-random": TINY}
         elif device.type == "cuda":
-            models = SHAPES
+            models = {name: SHAPES[name] for name in models}
         else:
             models = {"SmolLM2-135M": smollm2}
         for name, source in models.items():

@@ -18,6 +18,7 @@ here (``max_x_vs_hf``).
 from __future__ import annotations
 
 import copy
+import gc
 import statistics
 import tempfile
 from collections import Counter
@@ -175,6 +176,9 @@ def main(
                     rows.append({"variant": name, "params": n_params, "batch": batch, "seq_len": seq_len, **measured,
                                  "tokens_per_s": batch * seq_len / measured["step_s"]})
                 del trainers
+                gc.collect()  # FSDP's modules sit in reference cycles: free them before the next variant loads
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         for row in rows:
             row["x_vs_hf"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
             row["mfu"] = flops * row["tokens_per_s"] / peak if peak else None

@@ -363,6 +363,9 @@ def _compiled_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:
     device = model.tok_embeddings.weight.device.type
     if device == "cuda":  # CUDA graphs: one launch per decode step
         options.update(torch._inductor.list_mode_options("reduce-overhead"))
+        # as gpt-fast: lets Inductor fuse int8 dequantisation into one-row matmuls (otherwise a bf16 copy of each
+        # weight is written and read every step); compiling takes longer
+        options["coordinate_descent_tuning"] = True
     elif device == "cpu" and hasattr(inductor_config, "cpp_wrapper_build_separate"):
         # On CPU the step's ~500 calls (kernels, matmuls, attention) from a C++ wrapper rather than Python: ~15 %
         # faster decode of SmolLM2 on 2 cores. Built apart from the kernels, it adds ~20 s to the first compile

@@ -13,6 +13,7 @@ from llama.model import ModelArgs
 # Dense bf16 peak FLOP/s by device name (torchtitan's table); devices not listed report no MFU.
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM / HBM3
     ("H200", 989e12),
     ("A100", 312e12),

@@ -72,3 +72,10 @@ def test_matmul_floor_times_every_linear_layer_once(monkeypatch, tie_embeddings)
                                   tie_embeddings=tie_embeddings))
     # 7 linears per block (q, k, v, o, gate, up, down) and the output projection, tied or not
     assert bench.train.linear_matmul_floor_s(model, 8, torch.float32, torch.device("cpu")) == 7 * 3 + 1
+
+
+def test_generate_benchmark_refuses_unknown_models():
+    from bench import generate
+
+    with pytest.raises(ValueError, match="llama3.2-1b-shape"):
+        generate.main(models="llama-9000")

@@ -254,17 +254,38 @@ def test_smollm2_streams_cjk_and_emoji_whole(smollm2, smollm2_answers):
     assert any(ord(c) >= 0x1F300 for c in whole[1])  # emoji
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@CUDA
+def test_greedy_on_cuda_matches_transformers(tmp_path):
+    hf = hf_tiny("gqa")
+    hf.save_pretrained(tmp_path)
+    ours = Llama(load_model(tmp_path, device="cuda", dtype=torch.float32), TOK, max_seq_len=64, max_batch_size=4)
+    prompts = [TOK.encode(p, bos=True) for p in PROMPTS]
+    tokens, _ = ours.generate(prompts, max_gen_len=12, temperature=0)  # one left-padded batch on the GPU
+    assert tokens == [hf_greedy(hf, p, 12) for p in prompts]  # transformers in fp32 on the CPU
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
-def test_compiled_decode_gives_the_eager_tokens(quantize):
-    # head_dim 64: decode attention runs in our CPU kernel (where it is built) in both paths
-    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=258, max_seq_len=64))
+def test_compiled_decode_gives_the_eager_tokens(quantize, device):
+    from torch._dynamo.utils import counters
+
+    # head_dim 64: on CPU decode attention runs in our kernel (where it is built) in both paths; dim 128 and FFN
+    # 512 let tinygemm take every int4 linear on CUDA
+    with torch.device(device):
+        model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=258, max_seq_len=64))
     model.init_weights(std=0.3, seed=0)
     prompts = [TOK.encode(p, bos=True) for p in PROMPTS]
     eager = Llama(copy.deepcopy(model), TOK, max_seq_len=64, max_batch_size=4, quantize=quantize)
     compiled = Llama(model, TOK, max_seq_len=64, max_batch_size=4, quantize=quantize, compile=True)
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"]
     expected, _ = eager.generate(prompts, max_gen_len=16, temperature=0)
-    assert compiled.generate(prompts, max_gen_len=16, temperature=0)[0] == expected
+    for _ in range(2):  # on CUDA: recording the graphs, then replaying them
+        assert compiled.generate(prompts, max_gen_len=16, temperature=0)[0] == expected
     assert compiled.generate(prompts[:1], max_gen_len=16, temperature=0)[0] == expected[:1]  # another batch size
+    assert counters["inductor"]["cudagraph_skips"] == cudagraph_skips  # on CUDA, the step ran as CUDA graphs
 
 
 def test_compiled_models_in_one_process_keep_their_own_graphs():
