@@ -234,12 +234,12 @@ def main(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if quick:
-            models = {"tiny-random": TINY}
+            checkpoints = {"tiny-random": TINY}
         elif device.type == "cuda":
-            models = {name: SHAPES[name] for name in models}
+            checkpoints = {name: SHAPES[name] for name in models}
         else:
-            models = {"SmolLM2-135M": smollm2}
-        for name, source in models.items():
+            checkpoints = {"SmolLM2-135M": smollm2}
+        for name, source in checkpoints.items():
             if isinstance(source, ModelArgs):
                 folder = random_checkpoint(source, Path(tmp) / name, smollm2_tokenizer, dtype, device)
                 prompt, gguf = random_prompt, None

@@ -357,7 +357,7 @@ void attend_one(const float* query, const float* keys, const float* values, cons
     e.store(weights + slot, count);
     total_v = total_v + Vec::set(Vec(0.f), e, count);
   }
-  const float total = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, total_v);
+  const float total = horizontal_sum(total_v);
   __m256 sum[kVecs];
   for (int64_t e = 0; e < kVecs; ++e) sum[e] = _mm256_setzero_ps();
   for (slot = 0; slot < len; ++slot) {
