@@ -11,9 +11,11 @@
 // Also here: attention of one query per row over a float32 KV cache (decode_attention, at the end).
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -404,6 +407,226 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+
+// row[i] = exp(row[i] - shift) for i < n; returns their sum. ATen's exp_u20 (a polynomial good to ~20 ulp, as
+// PyTorch's own CPU flash attention takes) is ~1.5x its Sleef exp here.
+inline float exp_shifted(float* row, int64_t n, float shift) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec shift_v(shift);
+  Vec total_v(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec e = (Vec::loadu(row + i) - shift_v).exp_u20();
+    e.store(row + i);
+    total_v = total_v + e;
+  }
+  float total = horizontal_sum(total_v);
+  for (; i < n; ++i) total += row[i] = std::exp(row[i] - shift);
+  return total;
+}
+
+inline float row_max(const float* row, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, row, n);
+}
+
+inline void scale_row(float* row, int64_t n, float factor) {
+  using Vec = at::vec::Vectorized<float>;
+  at::vec::map([factor](Vec x) { return x * Vec(factor); }, row, row, n);
+}
+
+// Cross-entropy of a chunk of logits (n, vocab) against targets (n,), for the chunked training loss (llama/loss.py):
+// returns each row's logsumexp - logit[target] and overwrites the row with its gradient, (softmax - one-hot) *
+// scale. A row (128 KB of floats at a 32k vocabulary) stays in L2 through the max, exp-sum and scaling passes; as
+// whole-chunk tensor ops (amax, sub, exp, sum, div) each pass went through memory: ~3x the time.
+at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets, double scale) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "llama_one: softmax_cross_entropy_ takes contiguous float32 logits (n, vocab)");
+  const int64_t n = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n && targets.scalar_type() == at::kLong,
+              "llama_one: softmax_cross_entropy_ takes int64 targets (n,)");
+  const at::Tensor target_ids = targets.contiguous();
+  const int64_t* target = target_ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r)
+    TORCH_CHECK(target[r] >= 0 && target[r] < vocab, "llama_one: softmax_cross_entropy_: target ", target[r],
+                " is not a token id of a ", vocab, "-token vocabulary");
+  at::Tensor losses = at::empty({n}, logits.options());
+  float* data = logits.data_ptr<float>();
+  float* loss = losses.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = data + r * vocab;
+      const float target_logit = row[target[r]], top = row_max(row, vocab);
+      const float total = exp_shifted(row, vocab, top);
+      loss[r] = std::log(total) + top - target_logit;
+      scale_row(row, vocab, static_cast<float>(scale) / total);
+      row[target[r]] -= static_cast<float>(scale);
+    }
+  });
+  return losses;
+}
+
+// Causal self-attention for training and evaluation on a float32 CPU model, forward and backward, grouped-query:
+// q (bs, seq, heads, d), k and v (bs, seq, kv_heads, d), as the projections give them (no transposes); out like q.
+// Per (batch, kv head), a block of 64 positions of all the query heads that share it is one matrix, and each of its
+// products with the keys up to the block's end is one BLAS sgemm over scores small enough to stay in cache; the
+// blocks skip 3/8 of the products above the diagonal at 256 positions. At bench.train's shapes (4 x 256 tokens, 6
+// heads over 2 kv heads of 64) the forward and backward of a layer take ~5 ms, ATen's CPU flash attention ~12.
+
+// Fortran BLAS (MKL in PyTorch's x86 wheels). Weak: a PyTorch built without one still loads the other kernels, and
+// Python takes SDPA (blas_available).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+bool blas_available() { return sgemm_ != nullptr; }
+
+// Row-major C (m, n) = alpha * op(A) (m, k) @ op(B) (k, n) + beta * C. BLAS is column-major, where a row-major
+// matrix reads as its transpose: so it computes C^T = op(B)^T op(A)^T.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char op_b = trans_b ? 'T' : 'N', op_a = trans_a ? 'T' : 'N';
+  const int m_ = static_cast<int>(n), n_ = static_cast<int>(m), k_ = static_cast<int>(k);
+  const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
+  sgemm_(&op_b, &op_a, &m_, &n_, &k_, &alpha, b, &lda_, a, &ldb_, &beta, c, &ldc_);
+}
+
+constexpr int64_t kQueryBlock = 64;
+
+// A (bs, seq, heads, d) tensor, read or written one block of a group's heads at a time.
+struct HeadRows {
+  float* data;
+  int64_t batch, row, head, d;
+  explicit HeadRows(const at::Tensor& t)
+      : data(t.data_ptr<float>()), batch(t.stride(0)), row(t.stride(1)), head(t.stride(2)), d(t.size(3)) {}
+  float* at(int64_t b, int64_t h) const { return data + b * batch + h * head; }
+  // block[(j * rows + r) * d ..] = row first + r of head first_head + j, for j < heads
+  void gather(int64_t b, int64_t first_head, int64_t heads, int64_t first, int64_t rows, float* block) const {
+    for (int64_t j = 0; j < heads; ++j)
+      for (int64_t r = 0; r < rows; ++r)
+        std::copy_n(at(b, first_head + j) + (first + r) * row, d, block + (j * rows + r) * d);
+  }
+  void scatter(int64_t b, int64_t first_head, int64_t heads, int64_t first, int64_t rows, const float* block) const {
+    for (int64_t j = 0; j < heads; ++j)
+      for (int64_t r = 0; r < rows; ++r)
+        std::copy_n(block + (j * rows + r) * d, d, at(b, first_head + j) + (first + r) * row);
+  }
+};
+
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(blas_available(), "llama_one: causal_attention needs PyTorch built with a BLAS");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "llama_one: causal_attention takes (bs, seq, heads, d)");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(3) == 1,
+                "llama_one: causal_attention takes float32 tensors with contiguous head_dim");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
+                  k.size(2) > 0 && q.size(2) % k.size(2) == 0,
+              "llama_one: causal_attention's keys and values must be (bs, seq, kv_heads, d) with heads a multiple of "
+              "kv_heads");
+}
+
+std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_attention(q, k, v);
+  const int64_t bs = q.size(0), seq = q.size(1), heads = q.size(2), d = q.size(3), kv_heads = k.size(2);
+  const int64_t group = heads / kv_heads;
+  at::Tensor out = at::empty({bs, seq, heads, d}, q.options());
+  at::Tensor lse = at::empty({bs, heads, seq}, q.options());  // each query's logsumexp, for the backward
+  const HeadRows queries(q), keys(k), values(v), outputs(out);
+  float* lse_data = lse.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, bs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_block(group * kQueryBlock * d), scores(group * kQueryBlock * seq), o_block(q_block.size());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, g = task % kv_heads;
+      for (int64_t first = 0; first < seq; first += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, seq - first), n_keys = first + rows;
+        queries.gather(b, g * group, group, first, rows, q_block.data());
+        gemm(false, true, group * rows, n_keys, d, scale, q_block.data(), d, keys.at(b, g), keys.row, 0.f,
+             scores.data(), n_keys);
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t r = 0; r < rows; ++r) {  // softmax over the keys up to the query; zeros after
+            float* row = scores.data() + (j * rows + r) * n_keys;
+            const int64_t allowed = first + r + 1;
+            const float top = row_max(row, allowed), total = exp_shifted(row, allowed, top);
+            scale_row(row, allowed, 1.f / total);
+            std::fill(row + allowed, row + n_keys, 0.f);
+            lse_data[(b * heads + g * group + j) * seq + first + r] = top + std::log(total);
+          }
+        gemm(false, false, group * rows, d, n_keys, 1.f, scores.data(), n_keys, values.at(b, g), values.row, 0.f,
+             o_block.data(), d);
+        outputs.scatter(b, g * group, group, first, rows, o_block.data());
+      }
+    }
+  });
+  return std::make_tuple(out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
+    const at::Tensor& grad_out_, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse) {
+  check_attention(q, k, v);
+  const at::Tensor grad_out = grad_out_.contiguous();
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && out.stride(3) == 1 &&
+                  lse.is_contiguous() && lse.numel() == q.size(0) * q.size(2) * q.size(1),
+              "llama_one: causal_attention_backward takes causal_attention's output and logsumexp");
+  const int64_t bs = q.size(0), seq = q.size(1), heads = q.size(2), d = q.size(3), kv_heads = k.size(2);
+  const int64_t group = heads / kv_heads;
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::zeros(k.sizes(), k.options()), grad_v = at::zeros(v.sizes(), v.options());
+  const HeadRows queries(q), keys(k), values(v), outputs(out), grad_outputs(grad_out), grad_queries(grad_q),
+      grad_keys(grad_k), grad_values(grad_v);
+  const float* lse_data = lse.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  using Vec = at::vec::Vectorized<float>;
+  // one (batch, kv head) per task: its keys' and values' gradients sum over the group's query heads
+  at::parallel_for(0, bs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const int64_t block_rows = group * kQueryBlock;
+    std::vector<float> q_block(block_rows * d), grad_o_block(block_rows * d), o_block(block_rows * d),
+        probs(block_rows * seq), grad_scores(block_rows * seq);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, g = task % kv_heads;
+      const float *k_g = keys.at(b, g), *v_g = values.at(b, g);
+      for (int64_t first = 0; first < seq; first += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, seq - first), n_keys = first + rows;
+        queries.gather(b, g * group, group, first, rows, q_block.data());
+        grad_outputs.gather(b, g * group, group, first, rows, grad_o_block.data());
+        outputs.gather(b, g * group, group, first, rows, o_block.data());
+        // P, recomputed from the forward's logsumexp
+        gemm(false, true, group * rows, n_keys, d, scale, q_block.data(), d, k_g, keys.row, 0.f, probs.data(), n_keys);
+        for (int64_t j = 0; j < group; ++j)
+          for (int64_t r = 0; r < rows; ++r) {
+            float* row = probs.data() + (j * rows + r) * n_keys;
+            const int64_t allowed = first + r + 1;
+            exp_shifted(row, allowed, lse_data[(b * heads + g * group + j) * seq + first + r]);
+            std::fill(row + allowed, row + n_keys, 0.f);
+          }
+        // dV += P^T dO; dP = dO V^T
+        gemm(true, false, n_keys, d, group * rows, 1.f, probs.data(), n_keys, grad_o_block.data(), d, 1.f,
+             grad_values.at(b, g), grad_values.row);
+        gemm(false, true, group * rows, n_keys, d, 1.f, grad_o_block.data(), d, v_g, values.row, 0.f,
+             grad_scores.data(), n_keys);
+        // dS = P * (dP - dO.O) * scale: zero wherever P is (the masked keys)
+        for (int64_t i = 0; i < group * rows; ++i) {
+          const float row_dot = at::vec::map2_reduce_all<float>(
+              [](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, grad_o_block.data() + i * d,
+              o_block.data() + i * d, d);
+          const Vec subtrahend(row_dot), scale_v(scale);
+          float* grad_row = grad_scores.data() + i * n_keys;
+          at::vec::map2([=](Vec p, Vec dp) { return p * (dp - subtrahend) * scale_v; }, grad_row,
+                        probs.data() + i * n_keys, grad_row, n_keys);
+        }
+        // dQ = dS K (written over the gathered queries' block after its last use below); dK += dS^T Q
+        gemm(true, false, n_keys, d, group * rows, 1.f, grad_scores.data(), n_keys, q_block.data(), d, 1.f,
+             grad_keys.at(b, g), grad_keys.row);
+        gemm(false, false, group * rows, d, n_keys, 1.f, grad_scores.data(), n_keys, k_g, keys.row, 0.f,
+             q_block.data(), d);
+        grad_queries.scatter(b, g * group, group, first, rows, q_block.data());
+      }
+    }
+  });
+  return std::make_tuple(grad_q, grad_k, grad_v);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_one, lib) {
@@ -411,6 +634,10 @@ TORCH_LIBRARY(llama_one, lib) {
   lib.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   lib.def("int4_dequantize(Tensor weight, Tensor scales_and_zeros) -> Tensor");
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  lib.def("softmax_cross_entropy_(Tensor(a!) logits, Tensor targets, float scale) -> Tensor");
+  lib.def("blas_available", &blas_available);
+  lib.def("causal_attention(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  lib.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llama_one, CPU, lib) {
@@ -418,4 +645,7 @@ TORCH_LIBRARY_IMPL(llama_one, CPU, lib) {
   lib.impl("int8_linear", &int8_linear);
   lib.impl("int4_dequantize", &int4_dequantize);
   lib.impl("decode_attention", &decode_attention);
+  lib.impl("softmax_cross_entropy_", &softmax_cross_entropy_);
+  lib.impl("causal_attention", &causal_attention);
+  lib.impl("causal_attention_backward", &causal_attention_backward);
 }

@@ -1,9 +1,10 @@
-"""Our kernels for AVX2 CPUs (``cpu_kernels.cpp``): int4/int8 matmuls and one-token decode attention, built on first
-use by ``torch.utils.cpp_extension`` with the system's C++ compiler (~10 s once; cached under
-``~/.cache/torch_extensions``). They register ``torch.ops.llama_one.int4_linear``, ``int8_linear``,
-``int4_dequantize`` and ``decode_attention``; where they cannot be built (no AVX2, no compiler) or
-``LLAMA_ONE_CPU_KERNELS=0`` is set, ``available()`` is False: the quantised linears use PyTorch's packed kernels
-instead, and decode attention SDPA."""
+"""Our kernels for AVX2 CPUs (``cpu_kernels.cpp``): int4/int8 matmuls, one-token decode attention, causal attention
+with its backward and the training loss's softmax cross-entropy, built on first use by ``torch.utils.cpp_extension``
+with the system's C++ compiler (~15 s once; cached under ``~/.cache/torch_extensions``). They register
+``torch.ops.llama_one.int4_linear``, ``int8_linear``, ``int4_dequantize``, ``decode_attention``,
+``causal_attention`` (differentiable) and ``softmax_cross_entropy_``; where they cannot be built (no AVX2, no
+compiler) or ``LLAMA_ONE_CPU_KERNELS=0`` is set, ``available()`` is False and PyTorch's kernels serve instead:
+packed quantised linears, SDPA, tensor ops for the loss."""
 
 from __future__ import annotations
 
@@ -58,4 +59,37 @@ def available() -> bool:
     torch.library.register_fake("llama_one::int4_dequantize")(
         lambda weight, scales_and_zeros: weight.new_empty(weight.shape[0], weight.shape[1] * 2, dtype=torch.float32)
     )
+    torch.library.register_fake("llama_one::softmax_cross_entropy_")(
+        lambda logits, targets, scale: logits.new_empty(logits.shape[0])
+    )
+    torch.library.register_fake("llama_one::causal_attention")(
+        lambda q, k, v: (q.new_empty(q.shape), q.new_empty(q.shape[0], q.shape[2], q.shape[1]))
+    )
+    torch.library.register_fake("llama_one::causal_attention_backward")(
+        lambda grad_out, q, k, v, out, lse: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+    )
+    torch.library.register_autograd(
+        "llama_one::causal_attention", _causal_attention_backward, setup_context=_save_for_causal_attention_backward
+    )
     return True
+
+
+@torch.compiler.assume_constant_result  # compiled blocks ask it while tracing: answered (and built) eagerly
+def causal_attention_available() -> bool:
+    """Whether ``causal_attention`` can run: the kernels built and PyTorch has a BLAS (its x86 wheels: MKL)."""
+    return available() and torch.ops.llama_one.blas_available()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of float32 CPU tensors q (bs, seqlen, n_heads, head_dim) and k, v (bs, seqlen,
+    n_kv_heads, head_dim), differentiable; returns (bs, seqlen, n_heads, head_dim)."""
+    return torch.ops.llama_one.causal_attention(q, k, v)[0]
+
+
+def _save_for_causal_attention_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)  # q, k, v, out, logsumexp
+    ctx.mark_non_differentiable(output[1])
+
+
+def _causal_attention_backward(ctx, grad_out, grad_logsumexp):
+    return torch.ops.llama_one.causal_attention_backward(grad_out, *ctx.saved_tensors)

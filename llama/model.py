@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +119,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def use_flash_attn(q: torch.Tensor) -> bool:
-    """flash-attn serves the cache-free causal pass (training, evaluation) when it is installed, on CUDA in
-    half precision; SDPA serves everything else, including the masked, left-padded cache of generation."""
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def causal_attention_kernel(q: torch.Tensor):
+    """The kernel for the cache-free causal pass (training, evaluation) that takes (bs, seqlen, heads, head_dim) and
+    GQA as they are, or None for SDPA: flash-attn on CUDA in half precision when it is installed; ours on an fp32
+    CPU model (~40 % faster than SDPA's there, forward and backward). SDPA serves everything else, including the
+    masked, left-padded cache of generation."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return partial(flash_attn_func, causal=True)
+    if q.device.type == "cpu" and q.dtype == torch.float32 and cpu_kernels.causal_attention_available():
+        return cpu_kernels.causal_attention
+    return None
 
 
 class KVCache(nn.Module):
@@ -162,8 +169,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is None and use_flash_attn(q):  # takes (bs, seqlen, heads, head_dim) and GQA as they are
-            out = flash_attn_func(q, k, v, causal=True)  # (bs, seqlen, n_heads, head_dim)
+        if input_pos is None and (attend := causal_attention_kernel(q)) is not None:
+            out = attend(q, k, v)  # (bs, seqlen, n_heads, head_dim)
             return self.wo(out.reshape(bs, seqlen, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
 

@@ -121,7 +121,9 @@ SAVED_OPS = {
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    # and our CPU attention (llama/cpu_kernels.py), an op that exists only once the kernels are built
+    saved = op in SAVED_OPS or op.name() == "llama_one::causal_attention"
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def parallelize(model: Transformer, mesh, cfg: Config, device: torch.device) -> Transformer:

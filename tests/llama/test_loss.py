@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import llama.loss
+from llama import cpu_kernels
 from llama.loss import linear_cross_entropy
 from llama.model import ModelArgs, Transformer
 
@@ -26,6 +27,28 @@ def test_loss_and_gradients_equal_the_unfused_cross_entropy(monkeypatch, chunk_e
     torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), unfused(hidden, weight, targets))
     torch.testing.assert_close(ours[0], hidden.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours[1], weight.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [True, False])  # our CPU softmax cross-entropy, or PyTorch's tensor ops
+def test_fp32_loss_and_gradients_equal_the_unfused_cross_entropy(monkeypatch, kernel):
+    if kernel and not cpu_kernels.available():
+        pytest.skip("the kernels need an x86 CPU with AVX2 and a C++ compiler")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: kernel)
+    monkeypatch.setitem(llama.loss.CHUNK_ELEMENTS, "cpu", 300 * 50)  # chunks of 50 tokens
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 32, generator=generator, requires_grad=True)
+    for tokens in (30, 140):  # the second call needs a larger buffer for its chunks' logits than the first
+        hidden = torch.randn(tokens, 32, generator=generator, requires_grad=True)
+        targets = torch.randint(300, (tokens,), generator=generator)
+        ours = linear_cross_entropy(hidden, weight, targets)
+        ours.backward()
+        ours_grads = hidden.grad, weight.grad
+        hidden.grad = weight.grad = None
+        expected = unfused(hidden, weight, targets)
+        expected.backward()
+        torch.testing.assert_close(ours, expected)
+        torch.testing.assert_close(ours_grads, (hidden.grad, weight.grad))
+        weight.grad = None
 
 
 def test_bf16_stays_within_bf16_rounding_of_the_fp32_loss():

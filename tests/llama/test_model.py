@@ -68,6 +68,26 @@ def test_cached_prefill_and_decode_equal_full_forward(n_kv_heads, head_dim):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_an_fp32_cpu_model_trains_through_our_attention_kernel_with_sdpas_gradients(monkeypatch):
+    if not cpu_kernels.causal_attention_available():
+        pytest.skip("the kernels need an x86 CPU with AVX2, a C++ compiler and PyTorch's BLAS")
+    model = Transformer(ModelArgs(**TINY))
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    calls = []
+    kernel = cpu_kernels.causal_attention
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *qkv: calls.append(1) or kernel(*qkv))
+    model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    ours = {name: p.grad for name, p in model.named_parameters()}
+    assert len(calls) == TINY["n_layers"]
+    model.zero_grad()
+    monkeypatch.setattr(cpu_kernels, "causal_attention_available", lambda: False)  # SDPA
+    model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    assert len(calls) == TINY["n_layers"]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_left_padded_rows_use_their_own_positions():
     model = Transformer(ModelArgs(**TINY)).eval()
     prompt = torch.randint(0, 128, (1, 6))
