@@ -56,7 +56,8 @@ def test_train_benchmark_matches_transformers_loss(tmp_path):
     assert (hf["variant"], ours["variant"]) == ("transformers", "eager")
     for row in (hf, ours):
         assert row["tokens_per_s"] > 0 and row["mfu"] is None
-    assert abs(ours["x_vs_hf"] - ours["tokens_per_s"] / hf["tokens_per_s"]) < 1e-9
+    # against the transformers loop timed in turns with it (on CPU, one per variant of ours)
+    assert ours["hf_step_s"] == hf["step_s"] and ours["x_vs_hf"] == hf["step_s"] / ours["step_s"]
     # the matmul floor is part of a step
     assert 0 < result["linear_matmul_floor_s"] < hf["step_s"]
     assert result["max_x_vs_hf"] == hf["step_s"] / result["linear_matmul_floor_s"]
