@@ -468,10 +468,11 @@ at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets,
 
 // Causal self-attention for training and evaluation on a float32 CPU model, forward and backward, grouped-query:
 // q (bs, seq, heads, d), k and v (bs, seq, kv_heads, d), as the projections give them (no transposes); out like q.
-// Per (batch, kv head), a block of 64 positions of all the query heads that share it is one matrix, and each of its
-// products with the keys up to the block's end is one BLAS sgemm over scores small enough to stay in cache; the
-// blocks skip 3/8 of the products above the diagonal at 256 positions. At bench.train's shapes (4 x 256 tokens, 6
-// heads over 2 kv heads of 64) the forward and backward of a layer take ~5 ms, ATen's CPU flash attention ~12.
+// Per (batch, kv head), a block of 32 positions of all the query heads that share it is one matrix, and each of its
+// products with the keys up to the block's end is one BLAS sgemm over scores small enough to stay in cache; at 256
+// positions the blocks skip 7/16 of the products, those above the diagonal. At bench.train's shapes (4 x 256 tokens,
+// 6 heads over 2 kv heads of 64) a layer's forward and backward take ~6 ms on 2 threads, ATen's CPU flash attention
+// ~12 (blocks of 64 positions: ~7).
 
 // Fortran BLAS (MKL in PyTorch's x86 wheels). Weak: a PyTorch built without one still loads the other kernels, and
 // Python takes SDPA (blas_available).
@@ -491,7 +492,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   sgemm_(&op_b, &op_a, &m_, &n_, &k_, &alpha, b, &lda_, a, &ldb_, &beta, c, &ldc_);
 }
 
-constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kQueryBlock = 32;
 
 // A (bs, seq, heads, d) tensor, read or written one block of a group's heads at a time.
 struct HeadRows {

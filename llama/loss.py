@@ -16,17 +16,17 @@ import torch
 from llama import cpu_kernels
 
 # Logit elements per chunk: enough rows (hundreds at a 32k vocabulary) for the output projection's matmuls to run
-# near full speed (on CPU, 64 MB of fp32 made a training step ~6 % faster than 16 MB), while the logits never all
-# exist at once.
-CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+# near full speed, while the logits never all exist at once. On CPU, bench.train's step took ~6 % longer with 16 MB
+# of fp32 than with 64 MB, and ~1 % longer with 64 MB than with 128 MB (its 1024 tokens in one chunk).
+CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 _cpu_workspace = threading.local()
 
 
 def _logits_buffer(rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Memory for one chunk's logits, which every chunk overwrites. On CPU it is kept from call to call: a fresh
-    64 MB buffer is mapped anew and page-faulted in on every training step (~15 ms of bench.train's ~1 s step);
-    CUDA's caching allocator already reuses memory."""
+    """Memory for one chunk's logits, which every chunk overwrites. On CPU it is kept from call to call (up to
+    128 MB of fp32 per thread): a fresh one is mapped anew and page-faulted in on every training step (~15 ms of
+    bench.train's ~1 s step); CUDA's caching allocator already reuses memory."""
     if device.type != "cpu":
         return torch.empty(rows, vocab_size, dtype=dtype, device=device)
     buffers = _cpu_workspace.__dict__.setdefault("buffers", {})

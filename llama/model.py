@@ -122,7 +122,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def causal_attention_kernel(q: torch.Tensor):
     """The kernel for the cache-free causal pass (training, evaluation) that takes (bs, seqlen, heads, head_dim) and
     GQA as they are, or None for SDPA: flash-attn on CUDA in half precision when it is installed; ours on an fp32
-    CPU model (~40 % faster than SDPA's there, forward and backward). SDPA serves everything else, including the
+    CPU model (half SDPA's time there, forward and backward). SDPA serves everything else, including the
     masked, left-padded cache of generation."""
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return partial(flash_attn_func, causal=True)

@@ -86,7 +86,7 @@ def test_decode_attention_of_a_row_with_no_allowed_slot_is_zero(built):
 @pytest.mark.parametrize(
     "bs, seq, heads, kv_heads, head_dim, q_scale",
     [
-        (4, 256, 6, 2, 64, 1),  # a bench.train layer: four blocks of 64 positions
+        (4, 256, 6, 2, 64, 1),  # a bench.train layer: eight blocks of 32 positions
         (1, 70, 4, 4, 32, 1),  # MHA; a last block of 6
         (2, 130, 8, 1, 128, 1),  # MQA
         (2, 1, 2, 1, 16, 1),  # one position
