@@ -121,7 +121,7 @@ SAVED_OPS = {
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    # and our CPU attention (llama/cpu_kernels.py), an op that exists only once the kernels are built
+    # our CPU attention (llama/cpu_kernels.py) too, by name: the op exists only once the kernels are built
     saved = op in SAVED_OPS or op.name() == "llama_one::causal_attention"
     return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
