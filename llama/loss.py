@@ -25,7 +25,7 @@ _cpu_workspace = threading.local()
 
 def _logits_buffer(rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Memory for one chunk's logits, which every chunk overwrites. On CPU it is kept from call to call (up to
-    128 MB of fp32 per thread): a fresh one is mapped anew and page-faulted in on every training step (~15 ms of
+    128 MB of fp32 per thread): a fresh one is mapped anew and page-faulted in on every training step (~13 ms of
     bench.train's ~1 s step); CUDA's caching allocator already reuses memory."""
     if device.type != "cpu":
         return torch.empty(rows, vocab_size, dtype=dtype, device=device)
