@@ -143,7 +143,7 @@ def main(
     """Benchmark and write ``train-<device>-<time>.json`` into ``output`` (default bench/results/)."""
     variants = variants.split(",") if isinstance(variants, str) else list(variants)
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
+    if unknown or not variants:
         raise ValueError(f"--variants {unknown}: expected some of {list(VARIANTS)}")
     device, mesh = init_distributed(device or "auto")  # a group of one process, as `python -m llama.train` makes
     try:

@@ -526,8 +526,13 @@ void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               "kv_heads");
 }
 
-std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_attention(q, k, v);
+// Keys and values are read by BLAS straight from the tensor, one position per row: rows must not overlap (an
+// expanded tensor's do).
+at::Tensor as_blas_rows(const at::Tensor& t) { return t.stride(1) >= t.size(3) ? t : t.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k_, const at::Tensor& v_) {
+  check_attention(q, k_, v_);
+  const at::Tensor k = as_blas_rows(k_), v = as_blas_rows(v_);
   const int64_t bs = q.size(0), seq = q.size(1), heads = q.size(2), d = q.size(3), kv_heads = k.size(2);
   const int64_t group = heads / kv_heads;
   at::Tensor out = at::empty({bs, seq, heads, d}, q.options());
@@ -563,9 +568,10 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const a
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
-    const at::Tensor& grad_out_, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& grad_out_, const at::Tensor& q, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out,
     const at::Tensor& lse) {
-  check_attention(q, k, v);
+  check_attention(q, k_, v_);
+  const at::Tensor k = as_blas_rows(k_), v = as_blas_rows(v_);
   const at::Tensor grad_out = grad_out_.contiguous();
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && out.stride(3) == 1 &&
                   lse.is_contiguous() && lse.numel() == q.size(0) * q.size(2) * q.size(1),

@@ -30,9 +30,10 @@ def _logits_buffer(rows: int, vocab_size: int, dtype: torch.dtype, device: torch
     if device.type != "cpu":
         return torch.empty(rows, vocab_size, dtype=dtype, device=device)
     buffers = _cpu_workspace.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(dtype)
+    key = dtype, torch.is_inference_mode_enabled()  # an inference tensor cannot be written outside inference mode
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < rows * vocab_size:
-        buffer = buffers[dtype] = torch.empty(rows * vocab_size, dtype=dtype)
+        buffer = buffers[key] = torch.empty(rows * vocab_size, dtype=dtype)
     return buffer[: rows * vocab_size].view(rows, vocab_size)
 
 

@@ -115,6 +115,15 @@ def test_causal_attention_and_its_gradients_equal_sdpas(built, bs, seq, heads, k
     torch.testing.assert_close(ours_qkv.grad, reference.grad.float(), rtol=1e-4, atol=1e-5 * q_scale)
 
 
+def test_causal_attention_takes_keys_whose_positions_share_memory(built):
+    from llama import cpu_kernels
+
+    q, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 1, 16)
+    k = torch.randn(1, 1, 1, 16).expand(1, 40, 1, 16)  # every position the same key: stride 0, rows overlap
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(cpu_kernels.causal_attention(q, k, v), expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_causal_attention_is_an_op_that_autograd_and_compile_can_take(built):
     q, k, v = (torch.randn(2, 40, heads, 16, requires_grad=True) for heads in (4, 2, 2))
     torch.library.opcheck(torch.ops.llama_one.causal_attention.default, (q, k, v))

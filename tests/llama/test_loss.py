@@ -51,6 +51,17 @@ def test_fp32_loss_and_gradients_equal_the_unfused_cross_entropy(monkeypatch, ke
         weight.grad = None
 
 
+def test_a_loss_under_inference_mode_leaves_later_training_losses_working():
+    weight = torch.randn(100, 8, requires_grad=True)
+    hidden, targets = torch.randn(20, 8, requires_grad=True), torch.randint(100, (20,))
+    with torch.inference_mode():
+        evaluated = linear_cross_entropy(hidden, weight, targets)
+    trained = linear_cross_entropy(hidden, weight, targets)
+    trained.backward()  # the CPU logits buffer made under inference mode is not the one written here
+    torch.testing.assert_close(trained.detach(), evaluated)
+    assert weight.grad is not None
+
+
 def test_bf16_stays_within_bf16_rounding_of_the_fp32_loss():
     generator = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(256, 64, generator=generator), torch.randn(1000, 64, generator=generator) / 8
