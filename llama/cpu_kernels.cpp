@@ -8,7 +8,8 @@
 // ~40 G weights/s on SmolLM2's larger int4 shapes, ~4x PyTorch's kernels and near what two cores read from memory.
 // The int4 offset term takes the exact float group sums of the activations.
 //
-// Also here: attention of one query per row over a float32 KV cache (decode_attention, at the end).
+// Also here, after them: attention of one query per row over a float32 KV cache (decode_attention), the training
+// loss's softmax cross-entropy, and causal attention with its backward for float32 training on BLAS sgemm.
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

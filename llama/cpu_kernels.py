@@ -48,7 +48,7 @@ def available() -> bool:
         )
     except Exception as error:  # noqa: BLE001 - any build failure (no compiler, no ninja) means: use PyTorch's kernels
         warnings.warn(
-            f"could not build {SOURCE} ({error}); int4/int8 linears use PyTorch's kernels, decode attention SDPA",
+            f"could not build {SOURCE} ({error}); PyTorch's kernels serve instead (int4/int8 linears, attention, loss)",
             stacklevel=2,
         )
         return False
