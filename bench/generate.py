@@ -25,7 +25,7 @@ import torch
 
 from bench.common import memory_bandwidth, print_table, timed, timed_in_turns, write_result
 from llama.checkpoint import save_hf
-from llama.default_model import default_checkpoint, smollm2_gguf
+from llama.checkpoint.embedded import default_checkpoint, smollm2_gguf
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from tokenizer import load_tokenizer

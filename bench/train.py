@@ -33,10 +33,12 @@ import torch.nn.functional as F
 
 from bench.common import print_table, timed, timed_in_turns, write_result
 from llama.checkpoint import load_model, save_hf
-from llama.config import Config
-from llama.metrics import flops_per_token, peak_flops
 from llama.model import ModelArgs, Transformer
-from llama.train import build_optimizer, init_distributed, loss_on, parallelize
+from llama.training.config import Config
+from llama.training.metrics import flops_per_token, peak_flops
+from llama.training.optim import build_optimizer
+from llama.training.parallelize import init_distributed, parallelize
+from llama.training.step import loss_on
 
 SHAPES = {
     "cpu": (ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=32000, multiple_of=256,
@@ -74,8 +76,8 @@ def hf_step(folder: Path, cfg: Config, device: torch.device):
 
 def our_step(folder: Path, cfg: Config, device: torch.device, mesh):
     """Our training step, prepared by ``llama.train`` (compile per block; FSDP on GPU, none for one CPU process)."""
-    model = parallelize(load_model(folder, dtype=torch.float32).to(device).train(), mesh, cfg, device)
-    return training_step(partial(loss_on, model), model, build_optimizer(model, cfg, device), cfg)
+    model = parallelize(load_model(folder, dtype=torch.float32).to(device).train(), mesh, cfg.training, device)
+    return training_step(partial(loss_on, model), model, build_optimizer(model, cfg.optimizer), cfg)
 
 
 def training_step(loss_on_tokens, model, optimizer, cfg: Config, autocast=nullcontext()):

@@ -7,7 +7,7 @@
 import fire
 
 from llama import Llama
-from llama.default_model import default_checkpoint
+from llama.checkpoint.embedded import default_checkpoint
 
 
 def main(

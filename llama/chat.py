@@ -8,12 +8,14 @@ Reads plain lines from stdin, so it can be driven through a pipe.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from llama.generation import Dialog, Llama
-from llama.quantize import QUANTIZATIONS
-from tokenizer import encode_dialog
+from llama import cli
+from llama.generation import Llama
+from llama.transforms.quantize import QUANTIZATIONS
+from tokenizer import Dialog, encode_dialog
+
+PROG = "python -m llama.chat"
 
 
 def fit_history(llama: Llama, system: list[dict], history: Dialog, max_gen_len: int) -> tuple[Dialog, int]:
@@ -73,26 +75,26 @@ def chat(llama: Llama, system: str | None, temperature: float, top_p: float, max
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llama.chat", description=__doc__.split("\n\n")[0])
+    parser = cli.parser(PROG, __doc__)
     parser.add_argument("ckpt", nargs="?", help="checkpoint folder or .gguf file (default: embedded SmolLM2)")
     parser.add_argument("--tokenizer_path", help="tokenizer file or folder (default: beside the checkpoint)")
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--max_seq_len", type=int, default=2048)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: the probability mass kept")
+    parser.add_argument("--max_seq_len", type=int, default=2048, help="context window of the conversation")
     parser.add_argument("--max_gen_len", type=int, default=512, help="longest reply, in tokens")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="seeds the sampling")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only int8 or grouped int4 linears")
     args = parser.parse_args(argv)
 
     try:
         if args.ckpt is None:
-            from llama.default_model import default_checkpoint
+            from llama.checkpoint.embedded import default_checkpoint
 
-            args.ckpt = default_checkpoint()
-        llama = Llama.build(
-            args.ckpt, args.tokenizer_path, args.max_seq_len, max_batch_size=1, seed=args.seed,
+            args.ckpt = cli.run(PROG, default_checkpoint)
+        llama = cli.run(
+            PROG, Llama.build, args.ckpt, args.tokenizer_path, args.max_seq_len, max_batch_size=1, seed=args.seed,
             compile=args.compile, quantize=args.quantize,
         )
         chat(llama, args.system, args.temperature, args.top_p, min(args.max_gen_len, llama.max_seq_len // 2))

@@ -2,48 +2,42 @@
 
     python -m llama.convert SRC DST [--format hf|meta] [--dtype bf16|fp16|fp32]
 
-SRC is anything ``load_model`` reads (Meta folder, Hugging Face folder, .gguf file); DST is a new folder.
+SRC is anything ``llama.checkpoint.load_model`` reads (Meta folder, Hugging Face folder, .gguf file); DST is a new
+folder, written atomically.
 """
 
 from __future__ import annotations
 
-import sys
-
-import fire
 import torch
 
-from llama.checkpoint import CheckpointError, load_model, save_hf, save_meta
+from llama import cli
+from llama.checkpoint import load_model, save_hf, save_meta
+from tokenizer import TokenizerNotFoundError, load_tokenizer
 
+PROG = "python -m llama.convert"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WRITERS = {"hf": save_hf, "meta": save_meta}
 
 
-def _tokenizer(src: str):
-    """The checkpoint's tokenizer, or None when the source carries none."""
-    from tokenizer import TokenizerNotFoundError, load_tokenizer
-
-    try:
-        return load_tokenizer(src)
-    except TokenizerNotFoundError:
-        return None
-
-
-def convert(src: str, dst: str, dtype: str | None = None, format: str = "hf") -> None:
-    if format not in WRITERS:
-        raise ValueError(f"--format {format!r}: expected one of {sorted(WRITERS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+def convert(src: str, dst: str, dtype: str | None = None, format: str = "hf") -> str:
+    """Write ``src`` to ``dst`` in ``format``; returns what was written."""
     model = load_model(src)
-    tokenizer = _tokenizer(src)
-    out = WRITERS[format](model, dst, tokenizer=tokenizer, dtype=DTYPES.get(dtype), progress=True)
-    print(f"wrote {format} checkpoint to {out}{'' if tokenizer else ' (no tokenizer found in the source)'}")
-
-
-def main():
     try:
-        fire.Fire(convert)
-    except (CheckpointError, ValueError) as e:  # bad input: one line, not a traceback
-        sys.exit(f"error: {e}")
+        tokenizer = load_tokenizer(src)
+    except TokenizerNotFoundError:
+        tokenizer = None
+    out = WRITERS[format](model, dst, tokenizer=tokenizer, dtype=DTYPES.get(dtype), progress=True)
+    return f"wrote {format} checkpoint to {out}{'' if tokenizer else ' (no tokenizer found in the source)'}"
+
+
+def main(argv: list[str] | None = None):
+    parser = cli.parser(PROG, __doc__)
+    parser.add_argument("src", help="Meta folder, Hugging Face folder or .gguf file")
+    parser.add_argument("dst", help="the folder to write (must not exist, or be empty)")
+    parser.add_argument("--format", choices=sorted(WRITERS), default="hf", help="the format to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="the dtype to write (default: the source's)")
+    args = parser.parse_args(argv)
+    print(cli.run(PROG, convert, args.src, args.dst, args.dtype, args.format))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ Unfused, N tokens make N × vocab fp32 logits (4.2 GB for 8192 tokens of Llama 3
 again for the log-probs and for their gradient. Here each chunk's logits become its loss and, in place, its
 gradient (softmax minus one-hot), which is multiplied straight into the gradients of the hidden states and of the
 weight; backward only scales those. The matmuls are the unfused loss's three (logits, and the two gradients).
+
+Targets equal to ``IGNORE_INDEX`` (-100, as ``F.cross_entropy``'s default) count for nothing: their rows are left
+out before the output projection. Per-token losses (``reduction="none"``) are for evaluation and for losses built
+on them (DPO): their backward takes each token's own weight, so it recomputes each chunk's logits instead.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import threading
 
 import torch
 
-from llama import cpu_kernels
+from llama.kernels import cpu as cpu_kernels
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
 
 # Logit elements per chunk: enough rows (hundreds at a 32k vocabulary) for the output projection's matmuls to run
 # near full speed, while the logits never all exist at once. On CPU, bench.train's step took ~6 % longer with 16 MB
@@ -53,48 +60,101 @@ def _softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, scale: 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens: int):
-        # hidden (n, dim), weight (vocab_size, dim), targets (n,)
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, scale: float | None):
+        # hidden (n, dim), weight (vocab_size, dim), targets (n,). scale: the output is the sum of the token losses
+        # times scale, and its gradients are computed here; None: the output is the (n,) token losses.
         n = hidden.shape[0]
         loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are taken in fp32
+        per_token = scale is None
+        losses = torch.empty(n, dtype=loss_dtype, device=hidden.device) if per_token else None
         loss = torch.zeros((), dtype=loss_dtype, device=hidden.device)
-        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        want_grads = not per_token and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         grad_hidden = torch.empty_like(hidden) if want_grads else None
-        grad_weight = torch.empty_like(weight) if want_grads else None
-        buffer = _logits_buffer(min(n, chunk_tokens), weight.shape[0], loss_dtype, hidden.device)
-        # the product is the logits themselves unless it is in half precision (under autocast it is, whatever the
-        # inputs are): then it is taken into the fp32 buffer
-        autocast = torch.is_autocast_enabled(hidden.device.type)
-        product_is_logits = hidden.dtype == weight.dtype == loss_dtype and not autocast
-        for start in range(0, n, chunk_tokens):
-            h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-            logits = buffer[: len(h)]  # (chunk, vocab_size)
-            if product_is_logits:
-                torch.mm(h, weight.T, out=logits)
+        grad_weight = _weight_gradient(weight, n) if want_grads else None
+        for start, h, t, logits in _chunks(hidden, weight, targets, chunk_tokens, loss_dtype):
+            token_losses = _softmax_cross_entropy_(logits, t, scale or 1.0)
+            if per_token:
+                losses[start : start + len(t)] = token_losses
             else:
-                logits.copy_(h @ weight.T)
-            loss += _softmax_cross_entropy_(logits, t, 1 / n).sum()  # 1 / n: the gradient of the mean over n tokens
+                loss += token_losses.sum()
             if want_grads:
                 grad = logits.to(hidden.dtype)
-                torch.matmul(grad, weight, out=grad_hidden[start : start + chunk_tokens])
+                torch.matmul(grad, weight, out=grad_hidden[start : start + len(t)])
                 grad_weight.addmm_(grad.T, h, beta=float(start > 0))  # the first chunk overwrites the empty memory
+        if per_token:
+            ctx.save_for_backward(hidden, weight, targets)
+            ctx.chunk_tokens = chunk_tokens
+            return losses
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss / n
+        return loss * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # scaled in place: no second (vocab_size, dim) weight gradient; a second backward through the same graph
-        # (retain_graph) is refused by autograd's check of the modified saved tensors
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None
+        if grad_loss.dim() == 0:
+            # scaled in place: no second (vocab_size, dim) weight gradient; a second backward through the same graph
+            # (retain_graph) is refused by autograd's check of the modified saved tensors
+            grad_hidden, grad_weight = ctx.saved_tensors
+            return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None
+        hidden, weight, targets = ctx.saved_tensors  # per-token losses: each row's gradient weighs its own loss
+        loss_dtype = grad_loss.dtype
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = _weight_gradient(weight, len(targets))
+        for start, h, t, logits in _chunks(hidden, weight, targets, ctx.chunk_tokens, loss_dtype):
+            _softmax_cross_entropy_(logits, t, 1.0)
+            grad = logits.mul_(grad_loss[start : start + len(t), None]).to(hidden.dtype)
+            torch.matmul(grad, weight, out=grad_hidden[start : start + len(t)])
+            grad_weight.addmm_(grad.T, h, beta=float(start > 0))
+        return grad_hidden, grad_weight, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, in fp32 (fp64 for fp64 inputs).
+def _weight_gradient(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """Memory for the weight's gradient: left empty for the first chunk to overwrite (a zero fill of a
+    vocabulary-sized matrix costs a few ms a step), zeros when there are no tokens."""
+    return torch.empty_like(weight) if n else torch.zeros_like(weight)
+
+
+def _chunks(hidden, weight, targets, chunk_tokens: int, loss_dtype):
+    """(start, hidden rows, targets, their logits) per chunk; every chunk's logits overwrite the same buffer."""
+    n = hidden.shape[0]
+    buffer = _logits_buffer(min(n, chunk_tokens), weight.shape[0], loss_dtype, hidden.device)
+    # the product is the logits themselves unless it is in half precision (under autocast it is, whatever the
+    # inputs are): then it is taken into the fp32 buffer
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    product_is_logits = hidden.dtype == weight.dtype == loss_dtype and not autocast
+    for start in range(0, n, chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        logits = buffer[: len(h)]  # (chunk, vocab_size)
+        if product_is_logits:
+            torch.mm(h, weight.T, out=logits)
+        else:
+            logits.copy_(h @ weight.T)
+        yield start, h, t, logits
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, in fp32 (fp64 for fp64 inputs):
+    the mean over the counted tokens (those whose target is not ``IGNORE_INDEX``), their sum, or with
+    ``reduction="none"`` each token's loss (0 where ignored), shaped like ``targets``.
 
     hidden: (..., dim); weight: (vocab_size, dim); targets: (...) token ids."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if hidden.shape[0] == 0:
-        raise ValueError("linear_cross_entropy: no tokens (the mean over none is undefined)")
+    counted = targets != IGNORE_INDEX
+    all_counted = bool(counted.all())
+    if not all_counted:
+        hidden, targets = hidden[counted], targets[counted]
+    n = hidden.shape[0]
+    if n == 0 and reduction == "mean":
+        raise ValueError("linear_cross_entropy: no tokens to average over (none, or every target is IGNORE_INDEX)")
     chunk_tokens = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 1 << 28) // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+    scale = {"mean": 1 / max(n, 1), "sum": 1.0, "none": None}[reduction]
+    loss = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, scale)
+    if reduction != "none":
+        return loss
+    if not all_counted:
+        loss = loss.new_zeros(counted.shape).masked_scatter(counted, loss)
+    return loss.view(shape)

@@ -1,11 +1,13 @@
 """The LLaMA decoder: RMSNorm, rotary position embedding, grouped-query attention, SwiGLU.
 
 One forward serves both jobs:
-  * training: ``model(tokens)`` runs a full causal sequence, no cache;
-  * inference: after ``model.setup_caches(...)``, ``model(tokens, input_pos=..., positions=..., mask=...)`` writes
-    the new keys/values into a static KV cache at ``input_pos`` and attends over the cache.
+  * training: ``model(tokens)`` runs a full causal sequence, no cache (``input_pos`` may restart the rotary
+    positions, and ``mask`` replace the causal one, for packed samples);
+  * inference: after ``model.setup_caches(...)``, ``model(tokens, input_pos=..., mask=...)`` writes each row's new
+    keys/values into its own row of a static KV cache (a sequence slot) at that row's positions, and attends over
+    the slot. Rows at different positions run in one step.
 
-Parallelism, compilation and activation checkpointing are applied from outside (see ``llama.train``); the
+Parallelism, compilation and activation checkpointing are applied from outside (see ``llama.training``); the
 modules here are plain ``nn.Linear`` / ``nn.Embedding``.
 
 Rotary layout: q/k weights are kept in the Hugging Face "rotate-half" layout, where the two halves of each head
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import cpu_kernels
+from llama.kernels import cpu as cpu_kernels
 from llama.loss import linear_cross_entropy
 
 try:  # optional, CUDA only: pip install flash-attn
@@ -36,20 +38,18 @@ except ImportError:
 
 @dataclass
 class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
-    vocab_size: int = -1
+    dim: int = 4096  # width of the residual stream
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # query heads
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: same as n_heads
+    vocab_size: int = -1  # rows of the embedding and output projection
     multiple_of: int = 256  # FFN width is rounded up to a multiple of this (Meta's rule)
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    # Llama 3.1 frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}; None for plain RoPE.
-    rope_scaling: dict | None = None
-    max_seq_len: int = 2048
-    tie_embeddings: bool = False
+    ffn_dim_multiplier: float | None = None  # scales Meta's FFN width before rounding (Llama 3: 1.3)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base (Llama 3: 500000)
+    rope_scaling: dict | None = None  # Llama 3.1: factor, low/high_freq_factor, original_max_position_embeddings
+    max_seq_len: int = 2048  # context length: the rotary tables and the longest KV cache
+    tie_embeddings: bool = False  # output projection shares the input embedding matrix
     head_dim: int | None = None  # None: dim // n_heads
     hidden_dim: int | None = None  # FFN width; None: derived from dim, ffn_dim_multiplier and multiple_of
 
@@ -131,26 +131,40 @@ def causal_attention_kernel(q: torch.Tensor):
     return None
 
 
+def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(bs, 1, seqlen, kv_len) bool: a query at position p of a row attends to the row's cache slots 0..p."""
+    slots = torch.arange(kv_len, device=input_pos.device)
+    return (slots <= input_pos[..., None])[:, None]
+
+
 class KVCache(nn.Module):
-    """Static key/value cache for one layer; ``update`` writes at cache slots and returns the whole cache."""
+    """Static key/value cache for one layer. Row r is sequence slot r; ``update`` writes each row at its own
+    positions and returns the rows' first ``kv_len`` slots."""
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)
         # One-token steps over an fp32 CPU cache attend through our kernel: SDPA's spends ~25 us a call setting up
-        # (~10 % of a SmolLM2 decode step on 2 cores), ours ~5 (llama/cpu_kernels.cpp).
+        # (~10 % of a SmolLM2 decode step on 2 cores), ours ~5 (llama/kernels/cpu_kernels.cpp).
         self.decode_kernel = (
             self.k.device.type == "cpu" and dtype == torch.float32 and head_dim in (64, 128) and cpu_kernels.available()
         )
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (seqlen,); k, v: (bs, n_kv_heads, seqlen, head_dim)
+    def update(self, input_pos, k, v, kv_len: int, cache_rows=None):
+        # input_pos: (bs, seqlen) slots; k, v: (bs, seqlen, n_kv_heads, head_dim); cache_rows: (bs,) or None for
+        # rows 0..bs-1. Returns k, v: (bs, n_kv_heads, kv_len, head_dim)
         bs = k.shape[0]
-        self.k[:bs, :, input_pos] = k
-        self.v[:bs, :, input_pos] = v
-        return self.k[:bs], self.v[:bs]
+        if cache_rows is None:  # views of the first bs rows: no copy
+            k_rows, v_rows = self.k[:bs], self.v[:bs]
+            k_rows[self.rows[:bs], :, input_pos] = k
+            v_rows[self.rows[:bs], :, input_pos] = v
+            return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+        self.k[cache_rows[:, None], :, input_pos] = k
+        self.v[cache_rows[:, None], :, input_pos] = v
+        return self.k[cache_rows, :, :kv_len], self.v[cache_rows, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -163,30 +177,30 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None, cache_rows=None):
         bs, seqlen, _ = x.shape
         q = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
         k = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
         v = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is None and (attend := causal_attention_kernel(q)) is not None:
-            out = attend(q, k, v)  # (bs, seqlen, n_heads, head_dim)
-            return self.wo(out.reshape(bs, seqlen, -1))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
+        if input_pos is None:  # cache-free: the sequence attends to itself, causally unless a mask says otherwise
+            if mask is None and (attend := causal_attention_kernel(q)) is not None:
+                out = attend(q, k, v)  # (bs, seqlen, n_heads, head_dim)
+                return self.wo(out.reshape(bs, seqlen, -1))
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bs, heads, seqlen, head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
-        if input_pos is None:  # training: the sequence attends to itself causally
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        kv_len = mask.shape[-1]  # attend over the first kv_len slots of each row only
+        k, v = self.kv_cache.update(input_pos, k, v, kv_len, cache_rows)  # (bs, n_kv_heads, kv_len, head_dim)
+        q = q.transpose(1, 2)  # (bs, n_heads, seqlen, head_dim)
+        if (
+            seqlen == 1 and self.kv_cache.decode_kernel and not torch.is_grad_enabled()  # the kernel has no backward
+            and q.device.type == "cpu" and q.dtype == torch.float32 and mask.dtype == torch.bool
+        ):
+            out = torch.ops.llama_one.decode_attention(q, k, v, mask.expand(bs, 1, 1, kv_len))
         else:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (bs, n_kv_heads, max_seq_len, head_dim)
-            kv_len = mask.shape[-1]  # attend over the first kv_len cache slots only
-            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-            if (
-                seqlen == 1 and self.kv_cache.decode_kernel and not torch.is_grad_enabled()  # the kernel has no backward
-                and q.device.type == "cpu" and q.dtype == torch.float32 and mask.dtype == torch.bool
-            ):
-                out = torch.ops.llama_one.decode_attention(q, k, v, mask.expand(bs, 1, 1, kv_len))
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
 
@@ -209,8 +223,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos=None, mask=None, cache_rows=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -268,42 +282,47 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         input_pos: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        last_only: bool = False,
+        cache_rows: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits (bs, seqlen, vocab_size) in the model's dtype; (bs, 1, vocab_size) with ``last_only``, which
-        skips the output projection of the positions a prefill does not sample from. With ``targets``
-        (bs, seqlen) next-token ids: their mean cross-entropy in fp32 instead, computed chunk by chunk without
-        ever holding all the logits (``llama.loss``).
+        """Logits (bs, seqlen, vocab_size) in the model's dtype; with ``logits_at`` (bs,) one position per row,
+        (bs, 1, vocab_size) of those positions only: a prefill skips the output projection of the positions it
+        does not sample from. With ``targets``
+        (bs, seqlen) next-token ids (``llama.loss.IGNORE_INDEX`` where no loss is wanted): their cross-entropy in
+        fp32 instead, ``reduction`` "mean" over the counted tokens, "sum", or "none" (bs, seqlen), computed chunk
+        by chunk without ever holding all the logits (``llama.loss``).
 
-        tokens:    (bs, seqlen) token ids.
-        input_pos: (seqlen,) KV-cache slots to write; None for a cache-free causal pass (training).
-        positions: (bs, seqlen) rotary positions per row; default ``input_pos`` (or 0..seqlen-1 without a cache).
-                   Left-padded batches pass each row's own positions here.
-        mask:      (bs or 1, 1, seqlen, kv_len) bool, True where a query may attend to a cache slot; its last
-                   dimension says how many cache slots are attended. Default: causal over slots
-                   0..input_pos[-1].
+        tokens:     (bs, seqlen) token ids.
+        input_pos:  (bs, seqlen) or (seqlen,) positions of the tokens. With a KV cache (``setup_caches``) they are
+                    also the cache slots each row writes; without a cache or when None, the pass is cache-free and
+                    they only place the rotary embedding (default 0..seqlen-1).
+        mask:       with a cache: (bs or 1, 1, seqlen, kv_len) bool, True where a query may attend to a slot of its
+                    row; its last dimension says how many slots are attended. Default: each query attends to the
+                    slots up to its own position. Cache-free: (bs or 1, 1, seqlen, seqlen) bool, default causal.
+        cache_rows: (bs,) the cache rows (sequence slots) the batch's rows use; default rows 0..bs-1.
         """
         bs, seqlen = tokens.shape
-        if input_pos is not None and mask is None:
-            kv_len = int(input_pos[-1]) + 1
-            slots = torch.arange(kv_len, device=tokens.device)
-            mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, seqlen, kv_len)
-        if positions is None:
-            positions = input_pos if input_pos is not None else torch.arange(seqlen, device=tokens.device)
-            positions = positions.expand(bs, seqlen)
+        cached = input_pos is not None and self.layers[0].attention.kv_cache is not None
+        if input_pos is None:
+            input_pos = torch.arange(seqlen, device=tokens.device)
+        input_pos = input_pos.expand(bs, seqlen)
+        if cached and mask is None:
+            mask = causal_mask(input_pos, int(input_pos.max()) + 1)
 
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        cos = self.rope_cos[positions].unsqueeze(2).to(h.dtype)  # (bs, seqlen, 1, head_dim)
-        sin = self.rope_sin[positions].unsqueeze(2).to(h.dtype)
+        cos = self.rope_cos[input_pos].unsqueeze(2).to(h.dtype)  # (bs, seqlen, 1, head_dim)
+        sin = self.rope_sin[input_pos].unsqueeze(2).to(h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, mask)
-        h = self.norm(h[:, -1:] if last_only else h)
+            h = layer(h, cos, sin, input_pos if cached else None, mask, cache_rows)
+        if logits_at is not None:
+            h = h[torch.arange(bs, device=h.device), logits_at, None]  # (bs, 1, dim)
+        h = self.norm(h)
         if targets is not None:
             weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-            return linear_cross_entropy(h, weight, targets)
+            return linear_cross_entropy(h, weight, targets, reduction)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)

@@ -1,54 +1,25 @@
-"""PNG curves of a training run from its ``metrics.jsonl``: loss (train and validation), learning rate, throughput.
+"""Plot a training run: PNG curves of loss (train and validation), learning rate and throughput.
 
     python -m llama.plot runs/tiny        # writes runs/tiny/{loss,lr,throughput}.png
 
-Needs matplotlib (``pip install matplotlib``).
+Needs matplotlib (``pip install matplotlib``); the curves are ``llama.training.plots``'s.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from llama import cli
+from llama.training.plots import plot
 
-from llama.metrics import read_metrics
-
-CURVES = {  # file name -> (y label, metrics plotted)
-    "loss": ("loss", ("loss", "val_loss")),
-    "lr": ("learning rate", ("lr",)),
-    "throughput": ("tokens/s", ("tokens_per_s",)),
-}
+PROG = "python -m llama.plot"
 
 
-def plot(run_dir: str | Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("llama.plot needs matplotlib: pip install matplotlib") from None
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    written = []
-    for name, (ylabel, keys) in CURVES.items():
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in keys:
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=key)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / f"{name}.png", dpi=100)
-        plt.close(fig)
-        written.append(run_dir / f"{name}.png")
-    return written
+def main(argv: list[str] | None = None):
+    parser = cli.parser(PROG, __doc__)
+    parser.add_argument("run_dir", help="a run folder holding metrics.jsonl (training's checkpoint.dir)")
+    args = parser.parse_args(argv)
+    for path in cli.run(PROG, plot, args.run_dir):
+        print(path)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m llama.plot RUN_DIR")
-    for path in plot(sys.argv[1]):
-        print(path)
+    main()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llama.default_model import smollm2_gguf
+from llama.checkpoint.embedded import smollm2_gguf
 
 
 @pytest.fixture(scope="session")

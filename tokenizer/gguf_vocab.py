@@ -37,6 +37,11 @@ def load_gguf_tokenizer(path: Path) -> Tokenizer:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct and numpy errors on damaged files
         raise TokenizerError(f"{path} is not a readable GGUF file: {e}") from None
+    return tokenizer_from_gguf(reader, path)
+
+
+def tokenizer_from_gguf(reader: GGUFReader, path: Path) -> Tokenizer:
+    """The vocabulary of a GGUF file already opened (a checkpoint loader reads its weights from the same reader)."""
 
     def meta(key: str, default=None):
         field = reader.fields.get(f"tokenizer.{key}")

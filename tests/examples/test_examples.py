@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.default_model import default_checkpoint
+from llama.checkpoint.embedded import default_checkpoint
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from llama.default_model import default_checkpoint
+from llama.checkpoint.embedded import default_checkpoint
 
 
 @pytest.fixture(scope="module")

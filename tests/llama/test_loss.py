@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import llama.loss
-from llama import cpu_kernels
+from llama.kernels import cpu as cpu_kernels
 from llama.loss import linear_cross_entropy
 from llama.model import ModelArgs, Transformer
 

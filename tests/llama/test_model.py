@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import llama.model
-from llama import cpu_kernels
+from llama.kernels import cpu as cpu_kernels
 from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64)
@@ -88,21 +88,41 @@ def test_an_fp32_cpu_model_trains_through_our_attention_kernel_with_sdpas_gradie
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_left_padded_rows_use_their_own_positions():
-    model = Transformer(ModelArgs(**TINY)).eval()
-    prompt = torch.randint(0, 128, (1, 6))
-    pad = 3
-    tokens = torch.cat([torch.zeros(1, pad, dtype=torch.long), prompt], dim=1)
-    slots = torch.arange(pad + 6)
-    positions = (slots - pad).clamp(min=0)[None]
-    # real tokens attend causally to real tokens; pad queries attend to themselves only (no empty rows)
-    mask = (slots[None, :] <= slots[:, None]) & (slots[None, :] >= pad)
-    mask |= torch.eye(pad + 6, dtype=torch.bool)
+@pytest.mark.parametrize("head_dim", [None, 64])
+def test_rows_at_different_positions_share_a_step_and_give_their_own_logits(head_dim):
+    # rows of 9, 4 and 6 tokens prefilled together (right-padded: padding writes only past each row's content),
+    # then decoded together, each one token at its own position; head_dim 64 takes our decode kernel
+    model = Transformer(ModelArgs(**{**TINY, "head_dim": head_dim})).eval()
+    lengths = [9, 4, 6]
+    rows = [torch.randint(0, 128, (1, n + 3)) for n in lengths]
     with torch.no_grad():
-        alone = model(prompt)
-        model.setup_caches(1, 16)
-        padded = model(tokens, input_pos=slots, positions=positions, mask=mask[None, None])
-    torch.testing.assert_close(padded[:, pad:], alone, rtol=1e-5, atol=1e-5)
+        alone = [model(row) for row in rows]
+        model.setup_caches(max_batch_size=3, max_seq_len=32)
+        prompt = torch.zeros(3, max(lengths), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            prompt[i, :n] = rows[i][0, :n]
+        input_pos = torch.arange(max(lengths)).expand(3, -1)
+        prefill = model(prompt, input_pos=input_pos, logits_at=torch.tensor(lengths) - 1)  # (3, 1, vocab)
+        steps = [prefill]
+        for t in range(3):
+            tokens = torch.stack([row[0, n + t] for row, n in zip(rows, lengths)])[:, None]
+            steps.append(model(tokens, input_pos=torch.tensor(lengths)[:, None] + t))
+    for i, n in enumerate(lengths):
+        ours = torch.cat([step[i, -1:] for step in steps])  # the logits after tokens n-1 .. n+2
+        torch.testing.assert_close(ours, alone[i][0, n - 1 : n + 3], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_rows_put_a_sequence_in_any_slot():
+    model = Transformer(ModelArgs(**TINY)).eval()
+    tokens = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        alone = model(tokens)
+        model.setup_caches(max_batch_size=4, max_seq_len=32)
+        slot = torch.tensor([2])
+        steps = [model(tokens[:, :7], input_pos=torch.arange(7), cache_rows=slot)]
+        steps += [model(tokens[:, i : i + 1], input_pos=torch.tensor([i]), cache_rows=slot) for i in range(7, 10)]
+        assert not model.layers[0].attention.kv_cache.k[:2].any()  # the other slots are untouched
+    torch.testing.assert_close(torch.cat(steps, dim=1), alone, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_longer_than_context_is_refused():
@@ -111,12 +131,15 @@ def test_cache_longer_than_context_is_refused():
         model.setup_caches(1, 65)
 
 
-def test_last_only_gives_the_last_positions_logits():
+def test_logits_at_gives_those_positions_logits():
     model = Transformer(ModelArgs(**TINY)).eval()
     tokens = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
+        full = model(tokens)
         # the same numbers up to matmul rounding (one row vs many take different BLAS paths)
-        torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(tokens, logits_at=torch.tensor([8, 8])), full[:, -1:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(tokens, logits_at=torch.tensor([3, 6])), full[[0, 1], [3, 6], None],
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and llama.model.flash_attn_func is not None),

@@ -1,6 +1,6 @@
 """llama.data: the global sample order that makes resume independent of the number of processes."""
 
-from llama.data import GlobalOrder, rank_slice
+from llama.training.data import GlobalOrder, rank_slice
 
 
 def test_each_epoch_is_a_permutation_of_the_windows():

@@ -37,8 +37,10 @@ def run_worker(ckpt, out_prefix, nproc):
 def test_two_process_tensor_parallel_generation_equals_one_process(tiny_checkpoint, tmp_path):
     (single,) = run_worker(tiny_checkpoint, tmp_path / "single", 1)
     rank0, rank1 = run_worker(tiny_checkpoint, tmp_path / "parallel", 2)
-    assert rank0 == rank1  # every rank samples the same tokens
+    assert rank0 == rank1  # every rank computes the same logits and samples the same tokens
     assert rank0["greedy"] == single["greedy"]
-    assert rank0["sampled"] == single["sampled"]
     assert all(len(tokens) == 20 for tokens in single["greedy"])
+    # The split matmuls add their partial sums in another order, so the logits agree up to float rounding (and
+    # sampled tokens from the same seed agree until a near-tie falls on the other side of that rounding).
+    torch.testing.assert_close(torch.tensor(rank0["logits"]), torch.tensor(single["logits"]), rtol=0, atol=1e-4)
 

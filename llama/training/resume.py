@@ -2,9 +2,10 @@
 
 ``<run>/step-N/`` holds the model and optimizer (DCP, each process writing its own shards, reloadable on any
 number of processes), ``rng-rank-R.pt`` per process, and ``train_state.json`` (step, global sample counter,
-scheduler, skipped-step count). A save is written into ``step-N.tmp/``, ``train_state.json`` last, and renamed to
-``step-N/`` after every process has finished, so a crash mid-save leaves the previous checkpoint as the newest
-complete one. (Loading a pretrained model for the start of a run is ``llama.checkpoint``'s job, not this one.)
+scheduler, skipped-step count). A save fills a hidden temporary folder, ``train_state.json`` last, which rank 0
+renames to ``step-N/`` after every process has finished and everything is on disk (``llama.files``), so a crash
+mid-save leaves the previous checkpoint as the newest complete one. (Loading a pretrained model for the start of a
+run is ``llama.checkpoint``'s job, not this one.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from llama.files import commit, remove_leftovers, temporary_name
+
 STEP_DIR = re.compile(r"step-(\d+)")
 TRAIN_STATE = "train_state.json"
 
@@ -29,8 +32,8 @@ class CheckpointMismatch(ValueError):
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """``step-N`` folders that finished saving, oldest first (temp folders and folders without their
-    ``train_state.json`` are leftovers of an interrupted save)."""
+    """``step-N`` folders that finished saving, oldest first (a folder without its ``train_state.json`` is not
+    one of ours)."""
     if not run_dir.is_dir():
         return []
     found = [p for p in run_dir.iterdir() if STEP_DIR.fullmatch(p.name) and (p / TRAIN_STATE).is_file()]
@@ -54,23 +57,24 @@ def set_rng_state(state: dict):
 def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep: int):
     """Collective: every process calls it."""
     rank = dist.get_rank()
-    final, tmp = run_dir / f"step-{step}", run_dir / f"step-{step}.tmp"
+    final = run_dir / f"step-{step}"
+    names = [str(temporary_name(final))]  # rank 0's: the folder every process writes into
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(run_dir / "step-*")  # saves a crash interrupted; never resumed from
+        shutil.rmtree(names[0], ignore_errors=True)
+        Path(names[0]).mkdir()
+    dist.broadcast_object_list(names, src=0)
+    tmp = Path(names[0])
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
-    dist.barrier()  # every shard is on disk before the checkpoint is declared complete
+    dist.barrier()  # every shard is written before the checkpoint is declared complete
     if rank == 0:
         (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": dist.get_world_size()}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit(tmp, final)
         for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-        for leftover in run_dir.glob("step-*.tmp"):  # saves a crash interrupted; never resumed from
-            shutil.rmtree(leftover, ignore_errors=True)
     dist.barrier()
 
 
@@ -104,5 +108,5 @@ def load(path: Path, model, optimizer) -> dict:
     train_state = json.loads((path / TRAIN_STATE).read_text())
     rng_file = path / f"rng-rank-{dist.get_rank()}.pt"
     if train_state["world_size"] == dist.get_world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return train_state

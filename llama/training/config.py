@@ -1,19 +1,27 @@
 """Training configuration: one typed dataclass per TOML section, overridden from the command line.
 
     torchrun -m llama.train --config run.toml --training.steps=100 --model.init_from=path/to/checkpoint
+    python -m llama.train --help          # every key, its default and its meaning
 
-Every ``[section]`` of the TOML file and every ``--section.key=value`` override is checked against the dataclass
-of that section: an unknown section or key is an error naming the valid ones, and values are converted to the
-field's type (``none`` gives None for optional fields).
+Every ``[section]`` of the TOML file and every ``--section.key=value`` (or ``--section.key value``) override is
+checked against the dataclass of that section: an unknown section or key is an error naming the valid ones, and
+values are converted to the field's type (``none`` gives None for optional fields). The command line wins over the
+file. The comment after each field below is its ``--help`` text. ``[model]`` holds ``llama.model.ModelArgs``'s
+fields (its defaults are Meta's 7B) plus ``init_from``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
+import json
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from llama.model import ModelArgs
@@ -28,30 +36,25 @@ class ConfigError(ValueError):
     pass
 
 
-@dataclass
-class ModelConfig:
-    # A checkpoint to continue training from: anything llama.checkpoint.load_model reads (Meta folder, HF
-    # folder, .gguf file). When set, the architecture fields below are ignored.
-    init_from: str | None = None
-    # Architecture of a model trained from scratch (the fields of llama.model.ModelArgs).
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: same as n_heads
-    vocab_size: int = 0  # 0: the shards' tokenizer vocabulary
-    multiple_of: int = 32  # FFN width rounded up to a multiple of this
-    ffn_dim_multiplier: float | None = None
-    hidden_dim: int | None = None  # FFN width; None: Meta's rule from dim
-    head_dim: int | None = None  # None: dim // n_heads
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048  # context length of the model (data.seq_len must not exceed it)
-    tie_embeddings: bool = False  # output projection shares the input embedding matrix
-
-    def model_args(self, vocab_size: int) -> ModelArgs:
-        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "init_from"}
-        arch["vocab_size"] = self.vocab_size or vocab_size
-        return ModelArgs(**arch)
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [
+        # the fields of ModelArgs before it derives anything: n_kv_heads, head_dim, hidden_dim stay None until then
+        ("init_from", str | None, None),
+        *[(f.name, typing.get_type_hints(ModelArgs)[f.name], f.default) for f in dataclasses.fields(ModelArgs)],
+    ],
+    namespace={
+        "__doc__": "The [model] section: a checkpoint to start from, or the architecture of a new model.",
+        "model_args": lambda self, vocab_size: ModelArgs(**{
+            f.name: getattr(self, f.name) for f in dataclasses.fields(ModelArgs)
+        } | {"vocab_size": self.vocab_size if self.vocab_size > 0 else vocab_size}),
+    },
+)
+MODEL_HELP = {
+    "init_from": "a checkpoint to continue training from: anything llama.checkpoint.load_model reads (Meta folder, "
+                 "HF folder, .gguf file); the architecture keys below are then ignored",
+    "vocab_size": "0 or -1: the shards' tokenizer vocabulary",
+}
 
 
 @dataclass
@@ -80,9 +83,9 @@ class TrainingConfig:
 class OptimizerConfig:
     lr: float = 3e-4  # peak learning rate
     weight_decay: float = 0.1  # applied to matrices only, never to norms or embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator floor
 
 
 @dataclass
@@ -146,6 +149,14 @@ def _convert(value, hint, where: str):
             return value
         if isinstance(value, str) and value.lower() in BOOL_WORDS:
             return BOOL_WORDS[value.lower()]
+    elif hint is dict:
+        if isinstance(value, str):  # command-line JSON
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(value, dict):
+            return value
     elif isinstance(value, str):  # command-line text for an int, float or str field
         try:
             return hint(value)
@@ -156,8 +167,12 @@ def _convert(value, hint, where: str):
     raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
 
 
+def _sections(config: Config) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 def _set(config: Config, section: str, key: str, value, source: str):
-    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    sections = _sections(config)
     if section not in sections:
         raise ConfigError(f"{source}: unknown section [{section}]; valid sections: {', '.join(sections)}")
     obj = sections[section]
@@ -171,42 +186,58 @@ def _set(config: Config, section: str, key: str, value, source: str):
     setattr(obj, key, value)
 
 
-def load_config(argv: list[str] | None = None) -> Config:
-    """``--config FILE.toml`` (optional) then ``--section.key=value`` or ``--section.key value`` overrides."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+@cache
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of a dataclass's source: its help text."""
+    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
+    return {m[1]: m[2] for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
+
+
+def parser(prog: str = "python -m llama.train", description: str | None = None) -> argparse.ArgumentParser:
+    """--config, then every --section.key with its default and meaning in ``--help``. Values stay strings here:
+    ``load_config`` converts them and names the key when one does not fit."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
+                                     allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE.toml", help="a TOML file of [section] tables (the command line wins)")
+    for section, obj in _sections(Config()).items():
+        group = parser.add_argument_group(f"[{section}]")
+        comments = {**field_comments(ModelArgs), **MODEL_HELP} if section == "model" else field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            text = f"{comments.get(f.name, '')} (default: {getattr(obj, f.name)!r})".lstrip()
+            group.add_argument(f"--{section}.{f.name}", metavar="VALUE", help=text.replace("%", "%%"))
+    return parser
+
+
+def load_config(argv: list[str] | None = None, prog: str = "python -m llama.train") -> Config:
+    """``--config FILE.toml`` (optional) then ``--section.key=value`` or ``--section.key value`` overrides;
+    ``--help`` prints every key and exits."""
+    options, unknown = parser(prog).parse_known_args(sys.argv[1:] if argv is None else argv)
+    options = vars(options)
+    for arg in unknown:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else ""
+        if "." not in name:
+            raise ConfigError(f"unexpected argument {arg!r}; use --config FILE.toml and --section.key=value (see --help)")
+        section, _, key = name.partition(".")
+        _set(Config(), section, key, None, arg)  # names the unknown section or key
     config = Config()
-    overrides = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; use --config FILE.toml and --section.key=value")
-        name, has_value, value = arg[2:].partition("=")
-        if not has_value:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{arg} needs a value")
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        if name == "config":
-            path = Path(value)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            with open(path, "rb") as f:
-                try:
-                    table = tomllib.load(f)
-                except tomllib.TOMLDecodeError as e:
-                    raise ConfigError(f"{path}: invalid TOML: {e}") from None
-            for section, values in table.items():
-                if not isinstance(values, dict):
-                    raise ConfigError(f"{path}: {section} = ... must be inside a [section]")
-                for key, v in values.items():
-                    _set(config, section, key, v, str(path))
-        elif "." in name:
-            overrides.append((name, value))
-        else:
-            raise ConfigError(f"unknown option --{name}; options are --config and --section.key=value")
-    for name, value in overrides:  # the command line wins over the file, whatever the order
+    if "config" in options:
+        _load_file(config, Path(options.pop("config")))
+    for name, value in options.items():  # the command line wins over the file, whatever the order
         section, _, key = name.partition(".")
         _set(config, section, key, value, f"--{name}")
     return config
+
+
+def _load_file(config: Config, path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: {section} = ... must be inside a [section]")
+        for key, v in values.items():
+            _set(config, section, key, v, str(path))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llama.checkpoint import CheckpointError, load_args, load_model, save_hf, save_meta
-from llama.default_model import default_checkpoint
+from llama.checkpoint.embedded import default_checkpoint
 from tokenizer import load_tokenizer
 
 BASE = dict(

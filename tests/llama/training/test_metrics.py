@@ -2,7 +2,7 @@
 
 import pytest
 
-from llama.metrics import flops_per_token, peak_flops_of
+from llama.training.metrics import flops_per_token, peak_flops_of
 from llama.model import ModelArgs, Transformer
 
 

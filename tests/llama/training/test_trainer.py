@@ -19,14 +19,15 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from llama.checkpointing import CheckpointMismatch
-from llama.config import ConfigError, load_config
-from llama.data import ShardError
-from llama.default_model import default_checkpoint
-from llama.metrics import read_metrics
+from llama.training.resume import CheckpointMismatch
+from llama.training.config import ConfigError, load_config
+from llama.training.data import ShardError
+from llama.checkpoint.embedded import default_checkpoint
+from llama.training.metrics import read_metrics
 from llama.model import ModelArgs, Transformer
-from llama.prepare import prepare
-from llama.train import TrainingDiverged, lr_factor, train
+from llama.training.shards import prepare
+from llama.training.optim import lr_factor
+from llama.training.trainer import TrainingDiverged, train
 from tokenizer.train import train as train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -157,15 +158,17 @@ def test_kill_9_then_rerun_gives_bit_identical_weights(run_a, shards, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, without any chance to clean up
     proc.wait()
     assert not (tmp_path / "final").exists(), "the run finished before it could be killed"
-    # Leftovers of interrupted saves: a temp folder, and a step folder whose train_state.json was never written.
-    shutil.copytree(tmp_path / "step-10", tmp_path / "step-28.tmp")
+    # Leftovers of interrupted saves: a temp folder of a writer that is gone (another host's), and a step folder
+    # whose train_state.json was never written.
+    leftover = tmp_path / ".step-28.tmp-gone.example-12345"
+    shutil.copytree(tmp_path / "step-10", leftover)
     shutil.copytree(tmp_path / "step-10", tmp_path / "step-29")
     (tmp_path / "step-29" / "train_state.json").unlink()
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr and "step-29" not in result.stderr
-    assert not (tmp_path / "step-28.tmp").exists()  # the interrupted save's leftover is cleaned up
+    assert not leftover.exists()  # the interrupted save's leftover is cleaned up
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == (run_a / "final" / "model.safetensors").read_bytes()
     assert losses(tmp_path) == losses(run_a)
 
@@ -265,18 +268,18 @@ def test_missing_shards_are_named(tmp_path):
 
 def test_learning_rate_schedules():
     cfg = load_config(["--training.steps=100", "--lr.warmup_steps=10", "--lr.min_lr_ratio=0.1"])
-    factors = [lr_factor(i, cfg) for i in range(100)]
+    factors = [lr_factor(i, cfg.lr, cfg.training.steps) for i in range(100)]
     assert factors[0] == 0.1 and factors[9] == 1.0  # linear warmup, peak at the end of it
     assert factors[-1] == pytest.approx(0.1) and factors[54] == pytest.approx(0.55)  # cosine: half-way at 55
     cfg = load_config(["--training.steps=100", "--lr.warmup_steps=10", "--lr.schedule=wsd", "--lr.decay_fraction=0.2",
                        "--lr.min_lr_ratio=0"])
-    factors = [lr_factor(i, cfg) for i in range(100)]
+    factors = [lr_factor(i, cfg.lr, cfg.training.steps) for i in range(100)]
     assert factors[10:80] == [1.0] * 70 and factors[89] == pytest.approx(0.5) and factors[99] == 0.0
 
 
 def test_plot_writes_curves(run_a):
     pytest.importorskip("matplotlib")
-    from llama.plot import plot
+    from llama.training.plots import plot
 
     assert [p.name for p in plot(run_a)] == ["loss.png", "lr.png", "throughput.png"]
     assert all(p.stat().st_size > 1000 for p in run_a.glob("*.png"))

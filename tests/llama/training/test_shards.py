@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama import prepare as prepare_module
-from llama.data import ShardError, TokenWindows, read_index, token_dtype
-from llama.prepare import prepare
+from llama.training import shards as prepare_module
+from llama.training.data import ShardError, TokenWindows, read_index, token_dtype
+from llama.training.shards import prepare
 from tokenizer import load_tokenizer
+from tokenizer.corpus import CorpusError
 from tokenizer.train import train as train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -79,7 +80,7 @@ def test_jsonl_and_gzipped_jsonl_documents(tmp_path, sp_tokenizer):
 
 def test_jsonl_without_text_field_is_refused(tmp_path, sp_tokenizer):
     (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
-    with pytest.raises(ShardError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
+    with pytest.raises(CorpusError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
         prepare([str(tmp_path / "bad.jsonl")], str(sp_tokenizer), tmp_path / "shards")
     assert not (tmp_path / "shards").exists()
 
@@ -89,7 +90,7 @@ def test_parquet_needs_pyarrow(tmp_path, sp_tokenizer):
         import pyarrow  # noqa: F401
     except ImportError:
         (tmp_path / "data.parquet").write_bytes(b"PAR1")
-        with pytest.raises(ShardError, match="pip install pyarrow"):
+        with pytest.raises(CorpusError, match="pip install pyarrow"):
             prepare([str(tmp_path / "data.parquet")], str(sp_tokenizer), tmp_path / "shards")
     else:
         import pyarrow as pa

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 # A fresh process: whether the kernels are available is decided once per process.
 PROBE = """
 import torch
-from llama import cpu_kernels
-from llama.quantize import Int4Linear
+from llama.kernels import cpu as cpu_kernels
+from llama.transforms.quantize import Int4Linear
 linear = Int4Linear(torch.randn(48, 64))
 print(cpu_kernels.available(), linear.ours, tuple(linear(torch.randn(2, 64)).shape))
 """
@@ -45,7 +45,7 @@ def test_the_kernels_build_from_source(tmp_path):
 
 @pytest.fixture
 def built():
-    from llama import cpu_kernels
+    from llama.kernels import cpu as cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("the kernels need an x86 CPU with AVX2 and a C++ compiler")
@@ -94,7 +94,7 @@ def test_decode_attention_of_a_row_with_no_allowed_slot_is_zero(built):
     ],
 )
 def test_causal_attention_and_its_gradients_equal_sdpas(built, bs, seq, heads, kv_heads, head_dim, q_scale):
-    from llama import cpu_kernels
+    from llama.kernels import cpu as cpu_kernels
 
     gen = torch.Generator().manual_seed(0)
     # q, k and v as slices of one (bs, seq, heads + 2 kv_heads, head_dim) projection: strided, not contiguous
@@ -116,7 +116,7 @@ def test_causal_attention_and_its_gradients_equal_sdpas(built, bs, seq, heads, k
 
 
 def test_causal_attention_takes_keys_whose_positions_share_memory(built):
-    from llama import cpu_kernels
+    from llama.kernels import cpu as cpu_kernels
 
     q, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 1, 16)
     k = torch.randn(1, 1, 1, 16).expand(1, 40, 1, 16)  # every position the same key: stride 0, rows overlap

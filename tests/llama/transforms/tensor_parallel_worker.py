@@ -3,6 +3,7 @@
 
 import sys
 
+import torch
 import torch.distributed as dist
 
 from llama.generation import Llama
@@ -15,9 +16,11 @@ def main(ckpt_dir: str, out_prefix: str):
     prompt_tokens = [llm.tokenizer.encode(p) for p in PROMPTS]
     greedy, _ = llm.generate(prompt_tokens, max_gen_len=20, temperature=0)
     sampled, _ = llm.generate(prompt_tokens, max_gen_len=20, temperature=1.0, top_p=0.95, seed=3)
+    with torch.no_grad():
+        logits = llm.model(torch.tensor([prompt_tokens[0]]))[0].tolist()
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(f"{out_prefix}.{rank}", "w") as f:
-        f.write(repr({"greedy": greedy, "sampled": sampled}))
+        f.write(repr({"greedy": greedy, "sampled": sampled, "logits": logits}))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

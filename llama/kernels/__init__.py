@@ -1,0 +1,1 @@
+"""Our C++ kernels (``cpu_kernels.cpp``) and their Python side (``cpu``)."""

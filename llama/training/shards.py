@@ -1,0 +1,122 @@
+"""Writing token shards for training: a corpus (``tokenizer.corpus``) tokenized into ``<split>-NNNNN.bin`` files and
+an ``index.json``, which ``llama.training.data`` reads.
+
+Every document is encoded with the tokenizer's own convention (BOS first when the tokenizer adds one) and ends with
+EOS, so documents stay separated in the concatenated stream. Every ``1 / val_fraction``-th document goes to the
+validation split. The output is deterministic: inputs are sorted and the parallel map keeps their order, so the same
+inputs give the same bytes whatever ``workers``. It is written atomically (``llama.files``), ``index.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from llama.files import atomic_folder
+from llama.training.data import INDEX, TOKENIZER_DIR, ShardError, token_dtype
+from tokenizer import load_tokenizer
+from tokenizer.corpus import expand_inputs, read_documents
+
+_tokenizer = None  # one per worker process
+
+
+def _load_worker_tokenizer(path: str):
+    global _tokenizer
+    _tokenizer = load_tokenizer(path)
+
+
+def _encode(text: str) -> list[int]:
+    return _tokenizer.encode(text, bos=_tokenizer.add_bos, eos=True)
+
+
+def is_validation(doc_number: int, val_fraction: float) -> bool:
+    """Spreads the validation documents evenly: document i is one when floor(i * f) steps up at i + 1."""
+    return math.floor((doc_number + 1) * val_fraction) > math.floor(doc_number * val_fraction)
+
+
+class SplitWriter:
+    """Appends token ids to ``<split>-NNNNN.bin`` files of at most ``shard_tokens`` tokens."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
+        self.files: list[dict] = []
+        self.handle = None
+
+    def write(self, ids: list[int]):
+        if self.handle is None or self.files[-1]["tokens"] >= self.shard_tokens:
+            self.close()
+            name = f"{self.split}-{len(self.files):05d}.bin"
+            self.files.append({"path": name, "tokens": 0, "documents": 0})
+            self.handle = open(self.root / name, "wb")
+        np.asarray(ids, dtype=self.dtype).tofile(self.handle)
+        self.files[-1]["tokens"] += len(ids)
+        self.files[-1]["documents"] += 1
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+
+    def summary(self) -> dict:
+        return {
+            "files": self.files,
+            "tokens": sum(f["tokens"] for f in self.files),
+            "documents": sum(f["documents"] for f in self.files),
+        }
+
+
+def prepare(inputs: list[str], tokenizer: str, output: str, val_fraction: float = 0.01, workers: int = 1,
+            shard_tokens: int = 100_000_000, exclude: list[str] = ()) -> Path:
+    """Tokenize ``inputs`` (files, folders, globs, comma lists) with ``tokenizer`` into the new folder ``output``."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"output {output} already exists; remove it or choose another --output")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1 or shard_tokens < 1:
+        raise ValueError(f"--workers and --shard_tokens must be >= 1, got {workers} and {shard_tokens}")
+    files = expand_inputs(inputs, exclude)
+    tok = load_tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise ShardError(f"tokenizer {tokenizer} has no EOS token to separate documents")
+    dtype = token_dtype(tok.vocab_size)
+
+    with atomic_folder(output) as tmp:
+        writers = {split: SplitWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
+        documents = (text for path in files for text in read_documents(path) if text)
+        pool = multiprocessing.Pool(workers, _load_worker_tokenizer, (tokenizer,)) if workers > 1 else None
+        if pool is None:
+            _load_worker_tokenizer(tokenizer)
+        try:
+            encoded = pool.imap(_encode, documents, chunksize=16) if pool else map(_encode, documents)
+            for i, ids in enumerate(tqdm(encoded, desc=f"tokenizing {len(files)} files", unit="doc")):
+                writers["val" if is_validation(i, val_fraction) else "train"].write(ids)
+        finally:
+            if pool is not None:
+                pool.terminate()
+            for writer in writers.values():
+                writer.close()
+        splits = {split: writer.summary() for split, writer in writers.items()}
+        if splits["train"]["tokens"] == 0:
+            raise ShardError(f"no training documents: every input in {' '.join(map(str, inputs))} is empty")
+        tok.save_pretrained(tmp / TOKENIZER_DIR)
+        index = {
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "fingerprint": tok.fingerprint,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "add_bos": tok.add_bos,
+            "tokenizer_source": str(tokenizer),
+            "input_files": len(files),
+            "val_fraction": val_fraction,
+            "tokens": sum(s["tokens"] for s in splits.values()),
+            "documents": sum(s["documents"] for s in splits.values()),
+            "splits": splits,
+        }
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # last: its presence marks a complete folder
+    return output

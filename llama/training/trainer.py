@@ -1,0 +1,249 @@
+"""The training run: checks before any process group exists, the model built and parallelized, resume, the
+loop over global batches, checkpoints, validation, metrics and the final export.
+
+Each step reads one global batch (``training.global_batch_size`` windows of the shards' training split, in the
+seeded global order of ``llama.training.data``); process r takes its contiguous slice and runs it in micro-batches,
+accumulating gradients. Checkpoints (``llama.training.resume``) are written every ``checkpoint.interval`` steps;
+running the same command again resumes from the newest complete one, on any number of processes. At the end the
+model is exported to ``<checkpoint.dir>/final/`` as an HF folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from tqdm import tqdm
+
+from llama.checkpoint import load_args, load_model, save_hf
+from llama.model import ModelArgs, Transformer
+from llama.training import resume
+from llama.training.config import Config, ConfigError, DataConfig, TrainingConfig
+from llama.training.data import GlobalOrder, ShardError, ShardIndex, TokenWindows, rank_slice, read_index
+from llama.training.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
+from llama.training.optim import build_optimizer, build_scheduler
+from llama.training.parallelize import init_distributed, parallelize
+from llama.training.step import evaluate, forward_backward
+from tokenizer import TokenizerNotFoundError, load_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    """Where the run stands; a checkpoint records it beside the weights."""
+
+    step: int = 0
+    samples: int = 0  # global sample counter: the position in the data order
+    skipped_steps: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks that run before any process group or model exists
+
+
+def resolve_model_args(cfg: Config, index: ShardIndex) -> ModelArgs:
+    """The architecture to train, after checking that the shards' tokenizer belongs to it."""
+    init_from = cfg.model.init_from
+    if init_from:
+        args = load_args(init_from)
+        try:
+            model_tokenizer = load_tokenizer(init_from)
+        except TokenizerNotFoundError:
+            model_tokenizer = None  # a checkpoint without tokenizer files: only the vocabulary size can be checked
+        if model_tokenizer is not None and model_tokenizer.fingerprint != index.fingerprint:
+            raise ShardError(
+                f"shards {index.root} were tokenized with a different tokenizer than {init_from} "
+                f"(fingerprint {index.fingerprint[:12]} vs {model_tokenizer.fingerprint[:12]}); "
+                f"re-run llama.prepare with --tokenizer {init_from}"
+            )
+    else:
+        args = cfg.model.model_args(index.vocab_size)
+    if index.vocab_size > args.vocab_size:
+        raise ShardError(
+            f"shards {index.root} use a vocabulary of {index.vocab_size} tokens, the model has only "
+            f"{args.vocab_size}"
+        )
+    if cfg.data.seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the model's context of {args.max_seq_len}")
+    return args
+
+
+def check_batch_sizes(training: TrainingConfig, world: int):
+    """Each rank's share of the global batch must be whole micro-batches (the accumulation steps)."""
+    per_step = training.micro_batch_size * world
+    if training.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size {training.global_batch_size} must be a multiple of "
+            f"micro_batch_size × processes = {training.micro_batch_size} × {world}"
+        )
+
+
+def open_splits(index: ShardIndex, data: DataConfig, training: TrainingConfig):
+    """The training windows, and the validation windows when validation is on and the split holds one."""
+    train_windows = TokenWindows(index, "train", data.seq_len)
+    val_windows = None
+    if training.eval_interval > 0 and index.splits.get("val", {}).get("tokens", 0) > data.seq_len:
+        val_windows = TokenWindows(index, "val", data.seq_len)
+    return train_windows, val_windows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def build_model(cfg: Config, args: ModelArgs) -> Transformer:
+    """The model to train, in fp32: the checkpoint's weights, or a seeded from-scratch init."""
+    if cfg.model.init_from:
+        return load_model(cfg.model.init_from, dtype=torch.float32).train()
+    model = Transformer(args)
+    model.init_weights(seed=cfg.training.seed)
+    return model
+
+
+def export(model, args: ModelArgs, index: ShardIndex, run_dir: Path):
+    """Gathers the full weights on rank 0 and writes ``<run_dir>/final/`` with the shards' tokenizer, replacing
+    an earlier export atomically."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            plain = Transformer(args)
+        plain.load_state_dict(state, assign=True)
+        plain.init_rope()
+        save_hf(plain, run_dir / "final", tokenizer=load_tokenizer(index.tokenizer_path), replace=True)
+    dist.barrier()
+
+
+def train(cfg: Config):
+    if cfg.model.init_from:
+        cfg.model.init_from = os.path.expanduser(cfg.model.init_from)
+    index = read_index(os.path.expanduser(cfg.data.path))
+    train_windows, val_windows = open_splits(index, cfg.data, cfg.training)
+    args = resolve_model_args(cfg, index)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_batch_sizes(cfg.training, world)
+    run_dir = Path(cfg.checkpoint.dir).expanduser()
+
+    device, mesh = init_distributed(cfg.training.device)
+    try:
+        torch.manual_seed(cfg.training.seed)
+        model = build_model(cfg, args)
+        n_params = sum(p.numel() for p in model.parameters())
+        model = parallelize(model, mesh, cfg.training, device)
+        optimizer = build_optimizer(model, cfg.optimizer)
+        scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
+        progress = restore(run_dir, model, optimizer, scheduler)
+        if cfg.checkpoint.export_only:
+            if progress.step == 0:
+                raise FileNotFoundError(f"checkpoint.export_only: no complete checkpoint in {run_dir} to export")
+            export(model, args, index, run_dir)
+            return
+        run_steps(cfg, model, optimizer, scheduler, progress, train_windows, val_windows, device,
+                  flops_per_token(args, n_params, cfg.data.seq_len))
+        if cfg.checkpoint.export:
+            export(model, args, index, run_dir)
+        dist.barrier()  # all ranks finished before the group goes away (avoids a SIGABRT at exit seen with gloo)
+    finally:
+        dist.destroy_process_group()
+
+
+def restore(run_dir: Path, model, optimizer, scheduler) -> Progress:
+    """The newest complete checkpoint's state, loaded into the model, optimizer and scheduler; a fresh start
+    without one."""
+    checkpoints = resume.complete_checkpoints(run_dir)
+    if not checkpoints:
+        return Progress()
+    state = resume.load(checkpoints[-1], model, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    progress = Progress(state["step"], state["samples"], state["skipped_steps"])
+    if dist.get_rank() == 0:
+        print(f"resuming from {checkpoints[-1]} (step {progress.step}, {progress.samples} samples)", file=sys.stderr)
+    return progress
+
+
+def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, train_windows: TokenWindows,
+              val_windows: TokenWindows | None, device, flops: float):
+    """The loop: from ``progress`` to ``training.steps``, logging, validating and checkpointing as configured."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    training, run_dir = cfg.training, Path(cfg.checkpoint.dir).expanduser()
+    eval_windows = training.eval_batches * training.global_batch_size
+
+    def validate() -> dict:
+        if val_windows is None:
+            return {}
+        val_loss = evaluate(model, val_windows, eval_windows, training.micro_batch_size, device)
+        return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+
+    log = MetricsLog(run_dir, progress.step, cfg.metrics.tensorboard) if rank == 0 else None
+    if progress.step == 0 and val_windows is not None:
+        record = {"step": 0, **validate()}
+        if log:
+            log.log(record)
+    order = GlobalOrder(len(train_windows), training.seed)
+    tokens_per_step = training.global_batch_size * cfg.data.seq_len
+    peak = peak_flops(device)
+    max_norm = training.max_grad_norm if training.max_grad_norm > 0 else float("inf")
+    bad_in_a_row = 0
+    bar = tqdm(total=training.steps, initial=progress.step, disable=rank != 0 or not cfg.metrics.progress_bar)
+    while progress.step < training.steps:
+        start = time.perf_counter()
+        first, count = rank_slice(progress.samples, training.global_batch_size, rank, world)
+        windows = order.windows(first, count)
+        loss, grad_norm = forward_backward(model, train_windows, windows, training.micro_batch_size, device, max_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            bad_in_a_row = 0
+        else:  # no update: the weights stay as they were
+            progress.skipped_steps += 1
+            bad_in_a_row += 1
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        progress.step += 1
+        progress.samples += training.global_batch_size
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+
+        record = {
+            "step": progress.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_step / elapsed,
+            "tokens_per_s_per_device": tokens_per_step / elapsed / world,
+            "mfu": flops * tokens_per_step / elapsed / world / peak if peak else None,
+            "peak_memory_gib": peak_memory_gib(device), "skipped": not finite,
+            "skipped_steps": progress.skipped_steps,
+        }
+        if cfg.metrics.log_samples:  # the windows each rank really read, in rank order
+            gathered = [None] * world
+            dist.all_gather_object(gathered, windows.tolist())
+            record["windows"] = [w for part in gathered for w in part]
+        if progress.step % max(training.eval_interval, 1) == 0 or progress.step == training.steps:
+            record.update(validate())
+        if log:
+            log.log(record)
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+        if bad_in_a_row >= training.max_bad_steps:
+            raise TrainingDiverged(
+                f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last at step {progress.step}); "
+                f"stopping. The newest checkpoint in {run_dir} is the last good state: lower optimizer.lr "
+                "or training.max_grad_norm and resume"
+            )
+        interval = cfg.checkpoint.interval
+        if interval and (progress.step % interval == 0 or progress.step == training.steps):
+            state = {**asdict(progress), "scheduler": scheduler.state_dict()}
+            resume.save(run_dir, progress.step, model, optimizer, state, cfg.checkpoint.keep)
+    bar.close()
+    if log:
+        log.close()

@@ -1,0 +1,1 @@
+"""Model transforms applied from outside the model: weight-only quantisation and tensor parallelism."""
