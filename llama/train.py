@@ -24,7 +24,7 @@ USER_ERRORS = (ConfigError, ShardError, CheckpointError, CheckpointMismatch, Tok
 
 def main(argv: list[str] | None = None):
     try:
-        train(load_config(argv, prog="python -m llama.train"))
+        train(load_config(argv, prog="python -m llama.train", description=__doc__.split("\n\n")[0]))
     except USER_ERRORS as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"python -m llama.train: error: {e}", file=sys.stderr)

