@@ -25,7 +25,7 @@ from llama.generation.sampling import RowSampler, SamplingParams, sample
 from llama.model import Transformer, causal_mask
 
 
-@dataclass
+@dataclass(eq=False)  # told apart by identity: two requests with the same prompt and settings are still two
 class Request:
     """One prompt to complete, and what the engine has made of it so far."""
 
@@ -139,8 +139,9 @@ class Engine:
     def run(self, requests: list[Request]) -> Iterator[None]:
         """Submit ``requests`` and step until they are done; yields after each step. Closing the iterator early
         cancels what is left of them."""
-        for request in requests:
-            self.submit(request)
+        for request in requests:  # all checked before any is queued
+            self.check(request)
+        self.waiting.extend(requests)
         try:
             while not all(r.done for r in requests):
                 self.step()

@@ -57,8 +57,17 @@ def sample(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     device = logits.device
     temperature = torch.tensor([t or 1.0 for t in temperatures], device=device)[:, None]
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p), like
+    # torch.multinomial, but without a host synchronisation (which multinomial's checks need on CUDA). Each row
+    # draws from its own generator, one draw per token id, so its tokens do not depend on the other rows of the
+    # batch (nor on whether another row's top-k or top-p has the batch sorted).
+    race = torch.ones_like(probs)
+    for i, row in enumerate(rows):
+        if temperatures[i]:
+            race[i].exponential_(generator=row.generator)
     if any(r.params.top_p < 1 or r.params.top_k for r in rows):
         probs_sorted, order = probs.sort(dim=-1, descending=True)
+        race = race.gather(-1, order)  # each token keeps its own draw in the sorted order
         top_k = torch.tensor([r.params.top_k or probs.shape[-1] for r in rows], device=device)[:, None]
         top_p = torch.tensor([r.params.top_p for r in rows], device=device)[:, None]
         # Nucleus: keep the smallest prefix whose mass reaches top_p (the token that crosses it is kept).
@@ -67,13 +76,6 @@ def sample(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
         probs_sorted = probs_sorted.masked_fill((rank >= top_k) | (mass_before > top_p), 0.0)
     else:
         probs_sorted, order = probs, None
-    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p), like
-    # torch.multinomial, but without a host synchronisation (which multinomial's checks need on CUDA). Each row
-    # draws from its own generator, so its tokens do not depend on the other rows of the batch.
-    race = torch.ones_like(probs_sorted)
-    for i, row in enumerate(rows):
-        if temperatures[i]:
-            race[i].exponential_(generator=row.generator)
     choice = (probs_sorted / race).argmax(dim=-1, keepdim=True)
     sampled = (order.gather(-1, choice) if order is not None else choice).squeeze(-1)
     if all(temperatures):

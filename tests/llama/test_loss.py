@@ -109,3 +109,91 @@ def test_model_with_targets_trains_like_logits_then_cross_entropy(tie_embeddings
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------- ignored targets and reductions
+#
+# The reference is F.cross_entropy on the whole logits with ignore_index=-100. 3 x 70 tokens of which about a third
+# are ignored, in chunks of 50 counted tokens (vocabulary 300): several chunks, the last one short.
+
+
+def masked_case(seed=0, ignored=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 70, 32, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 32, generator=generator, requires_grad=True)
+    targets = torch.randint(300, (3, 70), generator=generator)
+    targets[torch.rand(3, 70, generator=generator) < ignored] = llama.loss.IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def reference(hidden, weight, targets, reduction):
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.T
+    loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=llama.loss.IGNORE_INDEX, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def loss_and_grads(loss_fn, hidden, weight, targets, reduction, grad_output=None):
+    hidden.grad = weight.grad = None
+    loss = loss_fn(hidden, weight, targets, reduction)
+    loss.backward(grad_output)
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.fixture(params=[True, False], ids=["our-kernel", "tensor-ops"])
+def kernels_and_chunks(request, monkeypatch):
+    """Our CPU softmax cross-entropy or PyTorch's tensor ops; chunks of 50 tokens."""
+    if request.param and not cpu_kernels.available():
+        pytest.skip("the kernels need an x86 CPU with AVX2 and a C++ compiler")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: request.param)
+    monkeypatch.setitem(llama.loss.CHUNK_ELEMENTS, "cpu", 300 * 50)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_masked_loss_and_gradients_equal_cross_entropy_with_ignore_index(kernels_and_chunks, reduction):
+    hidden, weight, targets = masked_case()
+    assert (targets == llama.loss.IGNORE_INDEX).sum() > 40 and (targets != llama.loss.IGNORE_INDEX).sum() > 100
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, reduction)
+    expected = loss_and_grads(reference, hidden, weight, targets, reduction)
+    torch.testing.assert_close(ours, expected)
+    ignored = targets == llama.loss.IGNORE_INDEX
+    assert not ours[1][ignored].any()  # ignored positions get no gradient at all
+
+
+def test_per_token_losses_and_their_backward_equal_the_unreduced_cross_entropy(kernels_and_chunks):
+    hidden, weight, targets = masked_case()
+    # each token's loss weighs its own gradient: a random weight per token, as a loss built on them would give
+    grad_output = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, "none", grad_output)
+    expected = loss_and_grads(reference, hidden, weight, targets, "none", grad_output)
+    assert ours[0].shape == targets.shape
+    assert not ours[0][targets == llama.loss.IGNORE_INDEX].any()  # 0 where ignored
+    torch.testing.assert_close(ours, expected)
+
+
+def test_per_token_losses_sum_and_average_to_the_reduced_losses():
+    hidden, weight, targets = masked_case(seed=2)
+    with torch.no_grad():
+        per_token = linear_cross_entropy(hidden, weight, targets, "none")
+        counted = (targets != llama.loss.IGNORE_INDEX).sum()
+        torch.testing.assert_close(per_token.sum(), linear_cross_entropy(hidden, weight, targets, "sum"))
+        torch.testing.assert_close(per_token.sum() / counted, linear_cross_entropy(hidden, weight, targets, "mean"))
+
+
+def test_all_targets_ignored_mean_is_refused_sum_is_zero_with_zero_gradients(kernels_and_chunks):
+    hidden, weight, _ = masked_case()
+    targets = torch.full((3, 70), llama.loss.IGNORE_INDEX)
+    with pytest.raises(ValueError, match="no tokens"):
+        linear_cross_entropy(hidden, weight, targets, "mean")
+    loss, grad_hidden, grad_weight = loss_and_grads(linear_cross_entropy, hidden, weight, targets, "sum")
+    assert loss.item() == 0.0
+    assert grad_hidden.shape == hidden.shape and not grad_hidden.any()
+    assert grad_weight.shape == weight.shape and not grad_weight.any()
+    losses, grad_hidden, grad_weight = loss_and_grads(
+        linear_cross_entropy, hidden, weight, targets, "none", torch.ones(3, 70)
+    )
+    assert losses.shape == (3, 70) and not losses.any() and not grad_hidden.any() and not grad_weight.any()
+
+
+def test_an_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(torch.zeros(2, 8), torch.zeros(16, 8), torch.zeros(2, dtype=torch.long), "max")
