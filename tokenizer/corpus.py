@@ -65,8 +65,9 @@ def read_documents(path: Path) -> Iterator[str]:
                     continue
                 try:
                     text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CorpusError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                    text.encode("utf-8")  # a string, without lone surrogates ("\ud800" is valid JSON, not text)
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeEncodeError):
+                    raise CorpusError(f"{path}:{lineno}: expected a JSON object with a 'text' string") from None
                 yield text
     elif path.suffix == ".parquet":
         try:
