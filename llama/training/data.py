@@ -142,9 +142,8 @@ class TokenWindows:
         data = os.pread(shard.file.fileno(), wanted, start * itemsize)
         if len(data) < wanted:
             raise ShardError(
-                f"shard {shard.path} ended at byte {start * itemsize + len(data)} while training read it; "
-                f"{self.index_file} says it holds {shard.tokens} tokens ({shard.tokens * itemsize} bytes): "
-                "was it truncated or rewritten during the run?"
+                f"shard {shard.path} is {os.fstat(shard.file.fileno()).st_size} bytes now, where {self.index_file} "
+                f"says {shard.tokens} tokens ({shard.tokens * itemsize} bytes): it was cut short while training read it"
             )
         return np.frombuffer(data, dtype=self.dtype)
 
