@@ -73,18 +73,14 @@ def chat(llama: Llama, system: str | None, temperature: float, top_p: float, max
         try:
             history = turn(llama, system, history, line, temperature, top_p, max_gen_len)
         except Exception as error:  # whatever failed, the conversation so far is kept
-            print(f"\n[this turn failed and is left out of the conversation: {error}]", file=sys.stderr)
+            print(f"[this turn failed and is left out of the conversation: {error}]", file=sys.stderr)
 
 
 def turn(llama: Llama, system: str | None, history: Dialog, line: str, temperature: float, top_p: float,
          max_gen_len: int) -> Dialog:
     """Answer ``line`` after ``history``, streaming the reply; returns the history with both."""
     messages = [{"role": "system", "content": system}] if system else []
-    try:
-        history, dropped = fit_history(llama, messages, history + [{"role": "user", "content": line}], max_gen_len)
-    except ValueError as error:
-        print(f"[{error}]", file=sys.stderr)
-        return history
+    history, dropped = fit_history(llama, messages, history + [{"role": "user", "content": line}], max_gen_len)
     if dropped:
         print(f"[context full: dropped the {dropped} oldest turn(s)]", file=sys.stderr)
     reply = ""
