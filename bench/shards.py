@@ -39,7 +39,8 @@ def write_shard(folder: Path, tokens: int) -> Path:
 
 def memmap_batch(array: np.memmap, seq_len: int, windows) -> torch.Tensor:
     """The previous reader: slices of a memory map of the whole file."""
-    return torch.from_numpy(np.stack([array[w * seq_len : w * seq_len + seq_len + 1] for w in windows]).astype(np.int64))
+    rows = [array[w * seq_len : w * seq_len + seq_len + 1] for w in windows]
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 def main(quick: bool = False, tokens: int | None = None, repeats: int = 20, output: str | None = None):
@@ -60,7 +61,8 @@ def main(quick: bool = False, tokens: int | None = None, repeats: int = 20, outp
             seconds = timed_in_turns(fns, rounds=5, device=torch.device("cpu"))
             per_batch = {name: statistics.median(s) / repeats for name, s in seconds.items()}
             rows.append({"batch": batch, "seq_len": seq_len, "ours_ms": per_batch["pread"] * 1e3,
-                         "memmap_ms": per_batch["memmap"] * 1e3, "x_vs_memmap": per_batch["memmap"] / per_batch["pread"]})
+                         "memmap_ms": per_batch["memmap"] * 1e3,
+                         "x_vs_memmap": per_batch["memmap"] / per_batch["pread"]})
     print_table(rows, ["batch", "seq_len", "ours_ms", "memmap_ms", "x_vs_memmap"])
     print(f"wrote {write_result('shards', torch.device('cpu'), rows, output, shard_tokens=tokens)}")
 

@@ -69,7 +69,7 @@ class ModelArgs:
 
     def check(self) -> None:
         """Refuse sizes no model can have (the message names the field), before anything is derived from them."""
-        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "n_kv_heads", "head_dim", "hidden_dim"):
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", *OPTIONAL_SIZES):
             value = getattr(self, name)
             if not (value is None and name in OPTIONAL_SIZES) and not (_is_int(value) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

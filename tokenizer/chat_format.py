@@ -146,7 +146,8 @@ def compile_template(template: str, source) -> jinja2.Template:
     try:
         return _compile(template)
     except jinja2.TemplateSyntaxError as e:
-        raise TokenizerError(f"{source}: the chat template does not compile: {e.message} (its line {e.lineno})") from None
+        message = f"{source}: the chat template does not compile: {e.message} (its line {e.lineno})"
+        raise TokenizerError(message) from None
 
 
 def render_template(tokenizer: Tokenizer, dialog: Dialog, add_generation_prompt: bool = True) -> str:

@@ -61,7 +61,8 @@ def test_a_turn_that_does_not_fit_leaves_the_conversation_as_it_was(checkpoint):
     question = ["My name is Ann.", "What is my name?"]
     options = ("--max_seq_len", "160", "--max_gen_len", "8")
     with_failure = run_chat(checkpoint, [question[0], "word " * 200, question[1]], *options)
-    assert "[this turn failed and is left out of the conversation: this message alone does not fit" in with_failure.stderr
+    failed = "[this turn failed and is left out of the conversation: this message alone does not fit"
+    assert failed in with_failure.stderr
     without = run_chat(checkpoint, question, *options)
     alone = run_chat(checkpoint, question[1:], *options)
     assert replies(with_failure)[-1] == replies(without)[-1] != replies(alone)[-1]  # the first turn is remembered

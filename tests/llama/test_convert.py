@@ -60,7 +60,8 @@ def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_as_llama_build_refus
 def test_a_convert_killed_midway_leaves_nothing_once_rerun(tmp_path):
     from llama.checkpoint.embedded import default_checkpoint
 
-    command = [sys.executable, "-m", "llama.convert", str(default_checkpoint()), str(tmp_path / "out"), "--format", "meta"]
+    command = [sys.executable, "-m", "llama.convert", str(default_checkpoint()), str(tmp_path / "out"),
+               "--format", "meta"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp-*")):  # the hidden folder being filled

@@ -60,11 +60,11 @@ def test_broken_json_and_template_files_are_named(hf_folder):
 
 
 def test_a_template_that_fails_on_a_dialog_names_the_tokenizer(hf_folder):
-    edit_json(hf_folder / "tokenizer_config.json",
-              lambda c: c.update(chat_template="{{ raise_exception('no') if messages|length > 1 }}{{ messages[0].content }}"))
+    template = "{{ raise_exception('no') if messages|length > 1 }}{{ messages[0].content }}"
+    edit_json(hf_folder / "tokenizer_config.json", lambda c: c.update(chat_template=template))
     tokenizer = load_tokenizer(hf_folder)
     assert encode_dialog(tokenizer, [{"role": "user", "content": "hi"}]) == tokenizer.encode("hi")
-    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
+    dialog = [{"role": role, "content": "hi"} for role in ("user", "assistant", "user")]
     with pytest.raises(ValueError, match=r"the chat template of .*tokenizer.json failed on this dialog: no$"):
         encode_dialog(tokenizer, dialog)
 

@@ -67,7 +67,8 @@ def test_config_json_of_the_wrong_shape(tmp_path, change, message):
 @pytest.mark.parametrize("change, message", [
     (lambda p: [p], "expected a JSON object {...}, got a list"),
     (lambda p: p.update(n_heads=0), r"inconsistent model configuration \(n_heads must be an integer >= 1, got 0\)"),
-    (lambda p: p.update(norm_eps="1e-5"), r"inconsistent model configuration \(norm_eps must be a finite number > 0, got '1e-5'\)"),
+    (lambda p: p.update(norm_eps="1e-5"),
+     r"inconsistent model configuration \(norm_eps must be a finite number > 0, got '1e-5'\)"),
 ], ids=["list", "zero_heads", "string_eps"])
 def test_params_json_of_the_wrong_shape(tmp_path, change, message):
     hf_folder(tmp_path / "hf")

@@ -26,7 +26,8 @@ def windows(tmp_path_factory) -> TokenWindows:
     root = tmp_path_factory.mktemp("step")
     files = [str(f) for f in sorted((STDLIB / "json").glob("*.py"))]
     train_tokenizer(files, vocab_size=512, output=str(root / "tok"))
-    return TokenWindows(read_index(prepare(files, str(root / "tok.model"), root / "shards", val_fraction=0)), "train", 16)
+    shards = prepare(files, str(root / "tok.model"), root / "shards", val_fraction=0)
+    return TokenWindows(read_index(shards), "train", 16)
 
 
 @pytest.fixture(scope="module")

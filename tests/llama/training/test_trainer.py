@@ -133,7 +133,8 @@ def test_one_process_matches_two_at_the_same_global_batch(run_a, shards, tmp_pat
     one, two = losses(tmp_path), losses(run_a)
     assert max(abs(one[s] - two[s]) for s in two) < 1e-5
     # 4 micro-batches here, 2 per process there: the gradient (and its norm) must not depend on their count
-    norm_one, norm_two = ({r["step"]: r["grad_norm"] for r in read_metrics(run) if "loss" in r} for run in (tmp_path, run_a))
+    norm_one, norm_two = ({r["step"]: r["grad_norm"] for r in read_metrics(run) if "loss" in r}
+                          for run in (tmp_path, run_a))
     assert max(abs(norm_one[s] / norm_two[s] - 1) for s in norm_two) < 1e-4
     val_one, val_two = (val_losses(run) for run in (tmp_path, run_a))
     assert val_one.keys() == val_two.keys() and max(abs(val_one[s] - val_two[s]) for s in val_two) < 1e-5
