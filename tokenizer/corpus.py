@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tokenizer.base import check_text
+
 TEXT_SUFFIXES = {
     ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
     ".js", ".ts", ".sh", ".html", ".css", ".toml", ".yaml", ".yml", ".json",
@@ -65,9 +67,12 @@ def read_documents(path: Path) -> Iterator[str]:
                     continue
                 try:
                     text = json.loads(line)["text"]
-                    text.encode("utf-8")  # a string, without lone surrogates ("\ud800" is valid JSON, not text)
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeEncodeError):
-                    raise CorpusError(f"{path}:{lineno}: expected a JSON object with a 'text' string") from None
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CorpusError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                try:
+                    check_text(text)  # "\ud800" is valid JSON, and not text
+                except (TypeError, ValueError) as e:
+                    raise CorpusError(f"{path}:{lineno}: 'text': {e}") from None
                 yield text
     elif path.suffix == ".parquet":
         try:

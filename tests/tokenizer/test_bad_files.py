@@ -118,5 +118,5 @@ def test_a_lone_surrogate_is_refused_with_its_position(kind, sp_model, tiktoken_
 
 def test_a_jsonl_document_with_a_lone_surrogate_is_named_with_its_line(tmp_path, sp_model):
     (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 escape"}\n')
-    with pytest.raises(CorpusError, match=r"docs.jsonl:2: expected a JSON object with a 'text' string"):
+    with pytest.raises(CorpusError, match=r"docs.jsonl:2: 'text': text holds a lone surrogate, U\+D800 at index 4"):
         prepare([str(tmp_path / "docs.jsonl")], str(sp_model), tmp_path / "shards")

@@ -196,8 +196,11 @@ def test_exported_folder_gives_transformers_our_logits(run_a):
 
 def test_checkpoint_from_another_model_is_refused(run_a, shards, tmp_path):
     shutil.copytree(run_a / f"step-{STEPS}", tmp_path / f"step-{STEPS}")
-    with pytest.raises(CheckpointMismatch, match=r"different model: tok_embeddings.weight has shape \(512, 64\)"):
+    with pytest.raises(CheckpointMismatch, match=r"saved by a run with model dim=64, .* this run has model dim=32"):
         train(load_config(run_args(shards, tmp_path, "--model.dim=32")))
+    # allowed to change the model's arguments, its shapes must still fit the checkpoint's tensors
+    with pytest.raises(CheckpointMismatch, match=r"different model: tok_embeddings.weight has shape \(512, 64\)"):
+        train(load_config(run_args(shards, tmp_path, "--model.dim=32", "--checkpoint.allow_changed=model")))
 
 
 def test_activation_checkpointing_leaves_the_losses_unchanged(shards, tmp_path):
