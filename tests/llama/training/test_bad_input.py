@@ -198,3 +198,12 @@ def test_other_damage_is_refused_naming_file_and_line(tmp_path, text, line):
     run_dir = write_metrics(tmp_path / "run", text)
     with pytest.raises(MetricsError, match=f"metrics.jsonl:{line}: expected one JSON object with a 'step' per line"):
         read_metrics(run_dir)
+
+
+def test_allow_changed_takes_a_toml_list_or_a_comma_list_of_known_names(tmp_path):
+    (tmp_path / "run.toml").write_text('[checkpoint]\nallow_changed = ["seq_len", "seed"]\n')
+    assert load_config(["--config", str(tmp_path / "run.toml")]).checkpoint.allow_changed == ("seq_len", "seed")
+    assert load_config(["--checkpoint.allow_changed=shards,model"]).checkpoint.allow_changed == ("shards", "model")
+    with pytest.raises(ConfigError, match="allow_changed must be one of shards, seq_len, global_batch_size, seed, "
+                                          "model, got 'tokenizer'"):
+        load_config(["--checkpoint.allow_changed=seq_len,tokenizer"])
