@@ -16,6 +16,7 @@ from llama.checkpoint.meta import is_meta, read_meta
 from llama.model import ModelArgs, Transformer
 
 READERS = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf}
+FORMAT_FILES = {"meta": "Meta (params.json + consolidated.*.pth)", "hf": "Hugging Face (config.json + *.safetensors)"}
 
 
 def detect_format(path: str | os.PathLike, format: str | None = None) -> str:
@@ -45,12 +46,9 @@ def detect_format(path: str | os.PathLike, format: str | None = None) -> str:
     if found:
         return found[0]
     raise CheckpointError(
-        f"{path}: no checkpoint found; looked for {FORMAT_FILES['meta']}, {FORMAT_FILES['hf']} "
-        "/ model.safetensors.index.json, or a .gguf file"
+        f"{path}: no checkpoint found; looked for params.json + consolidated.*.pth (Meta), "
+        "config.json + *.safetensors / model.safetensors.index.json (Hugging Face), or a .gguf file"
     )
-
-
-FORMAT_FILES = {"meta": "Meta (params.json + consolidated.*.pth)", "hf": "Hugging Face (config.json + *.safetensors)"}
 
 
 def load_args(path: str | os.PathLike, format: str | None = None) -> ModelArgs:
