@@ -3,15 +3,18 @@
 The reply is streamed as it is generated. The conversation is kept as long as it fits the context window; when it
 no longer does, the oldest turns are dropped (and you are told). Commands: ``/system TEXT`` sets the system
 prompt (and starts over), ``/reset`` forgets the conversation, ``/quit`` (or Ctrl-D) leaves; Ctrl-C stops a reply.
-Reads plain lines from stdin, so it can be driven through a pipe.
+Reads plain lines from stdin, so it can be driven through a pipe. A turn that fails (a line that is not UTF-8 is
+read with U+FFFD in place of its bad bytes) is reported, and the conversation goes on without it.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 
 from llama import cli
 from llama.generation import Llama
+from llama.generation.sampling import SamplingParams
 from llama.transforms.quantize import QUANTIZATIONS
 from tokenizer import Dialog, encode_dialog
 
@@ -30,12 +33,25 @@ def fit_history(llama: Llama, system: list[dict], history: Dialog, max_gen_len: 
     return history, dropped
 
 
+def read_line() -> str:
+    """The next line of input (EOFError at the end); bytes that are not UTF-8 become U+FFFD, with a notice."""
+    line = input("> ")
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # the surrogates stdin's surrogateescape made of bytes that are not UTF-8
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        print("[that line is not valid UTF-8: its bad bytes were replaced by \ufffd]", file=sys.stderr)
+    return line
+
+
 def chat(llama: Llama, system: str | None, temperature: float, top_p: float, max_gen_len: int) -> None:
     history: Dialog = []
     print("Chat with the model. Commands: /system TEXT, /reset, /quit (or Ctrl-D).", file=sys.stderr)
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte is reported by read_line, not fatal
     while True:
         try:
-            line = input("> ")
+            line = read_line()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
@@ -54,24 +70,36 @@ def chat(llama: Llama, system: str | None, temperature: float, top_p: float, max
             print(f"[system prompt {'set' if system else 'cleared'}; conversation reset]", file=sys.stderr)
             continue
 
-        messages = [{"role": "system", "content": system}] if system else []
         try:
-            history, dropped = fit_history(llama, messages, history + [{"role": "user", "content": line}], max_gen_len)
-        except ValueError as error:
-            print(f"[{error}]", file=sys.stderr)
-            continue
-        if dropped:
-            print(f"[context full: dropped the {dropped} oldest turn(s)]", file=sys.stderr)
+            history = turn(llama, system, history, line, temperature, top_p, max_gen_len)
+        except Exception as error:  # whatever failed, the conversation so far is kept
+            print(f"[this turn failed and is left out of the conversation: {error}]", file=sys.stderr)
 
-        reply = ""
-        try:
-            for pieces in llama.stream_chat_completion([messages + history], temperature, top_p, max_gen_len):
-                print(pieces[0], end="", flush=True)
-                reply += pieces[0]
-        except KeyboardInterrupt:
-            print(" [stopped]", end="")
-        print()
-        history.append({"role": "assistant", "content": reply})
+
+def turn(llama: Llama, system: str | None, history: Dialog, line: str, temperature: float, top_p: float,
+         max_gen_len: int) -> Dialog:
+    """Answer ``line`` after ``history``, streaming the reply; returns the history with both."""
+    messages = [{"role": "system", "content": system}] if system else []
+    history, dropped = fit_history(llama, messages, history + [{"role": "user", "content": line}], max_gen_len)
+    if dropped:
+        print(f"[context full: dropped the {dropped} oldest turn(s)]", file=sys.stderr)
+    reply = ""
+    try:
+        for pieces in llama.stream_chat_completion([messages + history], temperature, top_p, max_gen_len):
+            print(pieces[0], end="", flush=True)
+            reply += pieces[0]
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print()
+    return history + [{"role": "assistant", "content": reply}]
+
+
+def check_options(args) -> None:
+    """Refuse numbers that mean nothing before the model is loaded."""
+    for name in ("max_seq_len", "max_gen_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    SamplingParams(temperature=args.temperature, top_p=args.top_p)  # names --temperature or --top_p when wrong
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only int8 or grouped int4 linears")
     args = parser.parse_args(argv)
+    cli.run(PROG, check_options, args)
 
     try:
         if args.ckpt is None:

@@ -6,10 +6,13 @@ the previous content as it was, plus a temporary folder that the next write of t
     with atomic_folder(out_dir) as tmp:
         (tmp / "config.json").write_text(...)
     # out_dir now holds config.json, on disk
+
+A folder that one process at a time may write into (a training run's) is held with ``folder_lock``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -19,6 +22,11 @@ from pathlib import Path
 
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
+LOCK_FILE = ".lock"
+
+
+class FolderInUseError(OSError):
+    pass
 
 
 def temporary_name(target: Path) -> Path:
@@ -120,3 +128,27 @@ def atomic_folder(target: str | os.PathLike, *, replace: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Holds ``folder`` (created if need be) for the block: an advisory ``flock`` on ``folder/.lock``, which names
+    the holder's host and process. While another process holds it, raises ``FolderInUseError`` naming that one.
+    The kernel releases a lock when its process ends, however it ends, so a killed holder's lock is simply taken
+    over. (On a network filesystem the lock is as good as the filesystem's own locking.)"""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            raise FolderInUseError(f"{folder} is in use by {holder} (it holds {path}); wait for it to end") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        yield folder
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock

@@ -20,6 +20,7 @@ because rotate-half works on real tensors only, which keeps bf16 and ``torch.com
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import partial
 
@@ -54,6 +55,7 @@ class ModelArgs:
     hidden_dim: int | None = None  # FFN width; None: derived from dim, ffn_dim_multiplier and multiple_of
 
     def __post_init__(self):
+        self.check()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -64,6 +66,31 @@ class ModelArgs:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    def check(self) -> None:
+        """Refuse sizes no model can have (the message names the field), before anything is derived from them."""
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", *OPTIONAL_SIZES):
+            value = getattr(self, name)
+            if not (value is None and name in OPTIONAL_SIZES) and not (_is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.vocab_size):  # -1 until the tokenizer gives it (Meta's params.json)
+            raise ValueError(f"vocab_size must be an integer, got {self.vocab_size!r}")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if not (value is None and name == "ffn_dim_multiplier") and not (_is_number(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+OPTIONAL_SIZES = ("n_kv_heads", "head_dim", "hidden_dim")  # None: derived in __post_init__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite real number (NaN and infinities are not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -15,11 +15,14 @@ import sys
 from llama.checkpoint import CheckpointError
 from llama.training.config import ConfigError, load_config
 from llama.training.data import ShardError
-from llama.training.resume import CheckpointMismatch
+from llama.training.metrics import MetricsError
+from llama.training.resume import ResumeError
 from llama.training.trainer import TrainingDiverged, train
 from tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, ShardError, CheckpointError, CheckpointMismatch, TokenizerError, OSError, TrainingDiverged)
+USER_ERRORS = (
+    ConfigError, ShardError, CheckpointError, ResumeError, MetricsError, TokenizerError, OSError, TrainingDiverged,
+)
 
 
 def main(argv: list[str] | None = None):

@@ -45,6 +45,7 @@ class Tokenizer(ABC):
     def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``. With ``allow_special`` False, the text of a control token (say "<|eot_id|>")
         is encoded as ordinary text, never as the control token itself."""
+        check_text(text)
         ids: list[int] = []
         for piece in self.split_special(text) if allow_special else [text]:
             ids.extend([piece] if isinstance(piece, int) else self._encode_plain(piece))
@@ -137,6 +138,26 @@ class Tokenizer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def check_text(text: str) -> None:
+    """Refuse what is not Unicode text: a non-string, or a string holding a lone surrogate (what decoding bytes
+    with ``errors="surrogateescape"`` or a JSON escape like "\\ud800" can give), which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text holds a lone surrogate, U+{ord(text[e.start]):04X} at index {e.start}: not valid Unicode text "
+            "(decode bytes with errors='replace')"
+        ) from None
+
+
+def is_rust_panic(error: BaseException) -> bool:
+    """A panic in a Rust extension (tokenizers, tiktoken) arrives as pyo3's ``PanicException``, which derives from
+    BaseException, not Exception, so ``except Exception`` lets it through."""
+    return type(error).__name__ == "PanicException"
 
 
 def check_fits(tokenizer: Tokenizer, vocab_size: int, source: str = "the model") -> None:

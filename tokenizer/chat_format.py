@@ -21,7 +21,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tokenizer.base import Tokenizer
+from tokenizer.base import Tokenizer, TokenizerError
 
 
 class Message(TypedDict):
@@ -141,12 +141,25 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def compile_template(template: str, source) -> jinja2.Template:
+    """``template`` compiled; one that does not compile is refused, naming ``source`` (the file it came from)."""
+    try:
+        return _compile(template)
+    except jinja2.TemplateSyntaxError as e:
+        message = f"{source}: the chat template does not compile: {e.message} (its line {e.lineno})"
+        raise TokenizerError(message) from None
+
+
 def render_template(tokenizer: Tokenizer, dialog: Dialog, add_generation_prompt: bool = True) -> str:
     """The text transformers' ``apply_chat_template(..., tokenize=False)`` gives."""
     tokens = {f"{kind}_token": tokenizer.token_name(getattr(tokenizer, f"{kind}_id")) for kind in ("bos", "eos", "pad")}
-    return _compile(tokenizer.chat_template).render(
-        messages=dialog, add_generation_prompt=add_generation_prompt, **{k: v for k, v in tokens.items() if v}
-    )
+    template = compile_template(tokenizer.chat_template, tokenizer.source)
+    try:
+        return template.render(
+            messages=dialog, add_generation_prompt=add_generation_prompt, **{k: v for k, v in tokens.items() if v}
+        )
+    except Exception as e:  # the template's own raise_exception, or its code failing on this dialog
+        raise ValueError(f"the chat template of {tokenizer.source} failed on this dialog: {e}") from None
 
 
 def encode_with_template(tokenizer: Tokenizer, dialog: Dialog, add_generation_prompt: bool = True) -> list[int]:

@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tokenizer.base import check_text
+
 TEXT_SUFFIXES = {
     ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
     ".js", ".ts", ".sh", ".html", ".css", ".toml", ".yaml", ".yml", ".json",
@@ -67,6 +69,10 @@ def read_documents(path: Path) -> Iterator[str]:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CorpusError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                try:
+                    check_text(text)  # "\ud800" is valid JSON, and not text
+                except (TypeError, ValueError) as e:
+                    raise CorpusError(f"{path}:{lineno}: 'text': {e}") from None
                 yield text
     elif path.suffix == ".parquet":
         try:

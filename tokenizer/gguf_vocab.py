@@ -11,6 +11,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import pre_tokenizers
 
 from tokenizer.base import Tokenizer, TokenizerError
+from tokenizer.chat_format import compile_template
 from tokenizer.hf import HFTokenizer, byte_level_bpe, split_then_bytes
 from tokenizer.sp import SentencePieceTokenizer
 from tokenizer.tiktoken_bpe import LLAMA3_PATTERN
@@ -54,6 +55,8 @@ def tokenizer_from_gguf(reader: GGUFReader, path: Path) -> Tokenizer:
     token_types = meta("ggml.token_type") or [1] * len(tokens)
     bos_id, eos_id, pad_id = (meta(f"ggml.{name}_token_id") for name in ("bos", "eos", "padding"))
     chat_template = meta("chat_template")
+    if chat_template is not None:
+        compile_template(chat_template, path)
 
     if kind == "gpt2":
         pre = meta("ggml.pre", "default")

@@ -11,7 +11,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from tokenizer.base import Tokenizer, TokenizerError
+from tokenizer.base import Tokenizer, TokenizerError, is_rust_panic
+from tokenizer.chat_format import compile_template
 
 
 @cache
@@ -81,22 +82,42 @@ def bpe_from_ranks(ranks: dict[bytes, int], pattern: str, special_tokens: list[s
     return byte_level_bpe(vocab, merges, split_then_bytes(pattern), special_tokens=special_tokens, ignore_merges=True)
 
 
-def read_tokenizer_config(folder: Path) -> dict:
-    """``tokenizer_config.json`` of ``folder`` ({} if absent), token entries reduced to their text and the chat
-    template taken from ``chat_template.jinja`` or the default of a template list."""
-    path = folder / "tokenizer_config.json"
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` ({} if there is no such file); anything else is an error naming the file."""
+    if not path.is_file():
+        return {}
     try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON: {e}") from None
-    for key in ("bos_token", "eos_token", "pad_token"):
-        if isinstance(config.get(key), dict):
-            config[key] = config[key]["content"]
-    template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        template = {entry["name"]: entry["template"] for entry in template}.get("default")
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object {{...}}, got a {type(data).__name__}")
+    return data
+
+
+def read_tokenizer_config(folder: Path) -> dict:
+    """``tokenizer_config.json`` of ``folder`` ({} if absent), token entries reduced to their text and the chat
+    template taken from ``chat_template.jinja`` or the default of a template list (checked to compile)."""
+    path = folder / "tokenizer_config.json"
+    config = read_json_object(path)
+    try:
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if isinstance(config.get(key), dict):
+                config[key] = config[key]["content"]
+            if not isinstance(config.get(key), (str, type(None))):
+                raise TypeError(f"{key} must be a string or an object with a 'content' string")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = {entry["name"]: entry["template"] for entry in template}.get("default")
+        if not isinstance(template, (str, type(None))):
+            raise TypeError("chat_template must be a string or a list of {name, template} objects")
+    except (KeyError, TypeError) as e:
+        raise TokenizerError(f"{path}: {type(e).__name__}: {e}") from None
     if (folder / "chat_template.jinja").is_file():  # transformers >= 4.50 saves the template on its own
-        template = (folder / "chat_template.jinja").read_text()
+        path = folder / "chat_template.jinja"
+        template = path.read_text()
+    if template is not None:
+        compile_template(template, path)
     config["chat_template"] = template
     return config
 
@@ -104,10 +125,11 @@ def read_tokenizer_config(folder: Path) -> dict:
 def generation_eos_ids(folder: Path) -> tuple[int, ...]:
     """The ``eos_token_id`` (an id or a list) of ``folder/generation_config.json``, if any."""
     path = folder / "generation_config.json"
-    if not path.is_file():
-        return ()
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    eos = read_json_object(path).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TokenizerError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return tuple(ids)
 
 
 class HFTokenizer(Tokenizer):
@@ -148,7 +170,9 @@ class HFTokenizer(Tokenizer):
         """``tokenizer.json`` with the configs beside it."""
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        except BaseException as e:  # tokenizers raises a bare Exception for unreadable files, a Rust panic for some
+            if not isinstance(e, Exception) and not is_rust_panic(e):
+                raise
             raise TokenizerError(f"{path} is not a valid tokenizers tokenizer.json: {e}") from None
         config = read_tokenizer_config(path.parent)
         return cls(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tiktoken
 
-from tokenizer.base import Tokenizer, TokenizerError
+from tokenizer.base import Tokenizer, TokenizerError, is_rust_panic
 from tokenizer.hf import HFTokenizer, bpe_from_ranks
 
 # Meta's split pattern for Llama 3 (also llama.cpp's "llama-bpe" pre-tokenizer).
@@ -37,12 +37,21 @@ LLAMA3_SPECIAL_TOKENS = _NAMED_SPECIAL_TOKENS + [
 
 
 def read_ranks(data: bytes, source: str) -> dict[bytes, int]:
-    """The ``base64 rank`` lines of a tiktoken file as {token bytes: rank}."""
+    """The ``base64 rank`` lines of a tiktoken file as {token bytes: rank}: every token and every rank once."""
+    ranks, line_of_rank = {}, {}
     try:
-        lines = (line.split() for line in data.decode("ascii").splitlines() if line)
-        return {base64.b64decode(token, validate=True): int(rank) for token, rank in lines}
+        for number, line in enumerate(data.decode("ascii").splitlines(), 1):
+            if not line:
+                continue
+            token, rank = line.split()
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+            if token in ranks or rank in line_of_rank:
+                first = line_of_rank[ranks[token]] if token in ranks else line_of_rank[rank]
+                raise ValueError(f"line {number} repeats the token or rank of line {first}")
+            ranks[token], line_of_rank[rank] = rank, number
     except (UnicodeDecodeError, binascii.Error, ValueError) as e:
         raise TokenizerError(f"{source} is not a tiktoken BPE file (lines of 'base64-token rank'): {e}") from None
+    return ranks
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -50,9 +59,15 @@ class TiktokenTokenizer(Tokenizer):
         self.source = source
         self.ranks = ranks
         self.special_tokens = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        self.encoding = tiktoken.Encoding(
-            name=Path(source).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
-        )
+        try:
+            self.encoding = tiktoken.Encoding(
+                name=Path(source).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                special_tokens=self.special_tokens,
+            )
+        except BaseException as e:  # tiktoken's Rust core panics on vocabularies it cannot use
+            if not (isinstance(e, (ValueError, TypeError)) or is_rust_panic(e)):
+                raise
+            raise TokenizerError(f"{source}: tiktoken cannot use this vocabulary: {e}") from None
         self.vocab_size = self.encoding.n_vocab
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]

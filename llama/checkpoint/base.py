@@ -36,12 +36,27 @@ def checkpoint_folder(out_dir, replace: bool = False) -> Iterator[Path]:
 
 
 def read_json(file: Path) -> dict:
+    """The JSON object in ``file``; anything else (not JSON, a list, unreadable) is an error naming the file."""
     if not file.exists():
         raise CheckpointNotFoundError(f"{file}: file not found")
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object {{...}}, got a {type(data).__name__}")
+    return data
+
+
+def check_readable(file: Path) -> None:
+    """Some readers report an unreadable file as a missing one (safetensors says "No such file"): open it first."""
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from None
 
 
 def make_args(file: Path, **kwargs) -> ModelArgs:

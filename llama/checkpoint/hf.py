@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint.base import (
-    CheckpointError, CheckpointNotFoundError, checkpoint_folder, cpu_state_dict, make_args, read_json,
+    CheckpointError, CheckpointNotFoundError, check_readable, checkpoint_folder, cpu_state_dict, make_args, read_json,
 )
 from llama.checkpoint.meta import META_ROPE_SCALING
 from llama.model import ModelArgs, Transformer
@@ -31,6 +31,11 @@ HF_NAMES = {  # HF parameter name -> ours; {} is the layer index
 }
 OURS_TO_HF = {ours: hf for hf, ours in HF_NAMES.items()}
 HF_HARMLESS = re.compile(r".*rotary_emb\.inv_freq")  # written by transformers < 4.31
+HF_NUMBERS = {  # config.json keys we read and their types, each > 0 when present
+    **dict.fromkeys(("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                     "intermediate_size", "max_position_embeddings", "head_dim"), int),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta"), (int, float)),
+}
 
 
 def is_hf(path: Path) -> bool:
@@ -49,6 +54,8 @@ def _rope(config: dict, file: Path) -> tuple[float, dict | None]:
     """(rope_theta, llama3 scaling or None) from transformers 5 ``rope_parameters`` or 4's ``rope_theta``/``rope_scaling``."""
     params = config.get("rope_parameters") or {}
     legacy = config.get("rope_scaling") or {}
+    if not (isinstance(params, dict) and isinstance(legacy, dict)):
+        raise CheckpointError(f"{file}: rope_parameters and rope_scaling must be JSON objects or null")
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
     if rope_type == "default":
@@ -77,6 +84,11 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, torch.dtype | None]:
             raise CheckpointError(f"{file}: {flag}=true is not supported (LLaMA has no biases)")
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{file}: hidden_act {config['hidden_act']!r} is not supported (expected 'silu')")
+    for key, kind in HF_NUMBERS.items():
+        value = config.get(key)
+        if value is not None and not (isinstance(value, kind) and not isinstance(value, bool) and value > 0):
+            expected = "an integer" if kind is int else "a number"
+            raise CheckpointError(f"{file}: {key} must be {expected} > 0, got {value!r}")
     theta, scaling = _rope(config, file)
     declared = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
     try:
@@ -121,6 +133,7 @@ def read_hf(path: Path):
     args, declared = read_hf_config(path)  # tensors stored in another dtype are cast, as transformers does
     tensors, sources = {}, {}
     for file in _shard_files(path):
+        check_readable(file)
         try:
             # Tensors from safe_open are views of a private mmap of the file: no copy until a dtype change.
             with safe_open(file, framework="pt") as f:

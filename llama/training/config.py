@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import sys
 import types
@@ -103,6 +104,7 @@ class CheckpointConfig:
     keep: int = 2  # newest checkpoints kept
     export: bool = True  # write <dir>/final/ as a Hugging Face folder when training ends
     export_only: bool = False  # load the newest checkpoint, export final/ and exit without training
+    allow_changed: tuple[str, ...] = ()  # what a resume may change: shards, seq_len, global_batch_size, seed, model
 
 
 @dataclass
@@ -126,11 +128,46 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
+# What a resume may be told to change from the run its checkpoint records (``checkpoint.allow_changed``); never the
+# tokenizer, whose ids the embedding rows stand for.
+CHANGEABLE = ("shards", "seq_len", "global_batch_size", "seed", "model")
+CHOICES = {  # for a tuple field: of each of its items
     ("training", "device"): ("auto", "cpu", "cuda"),
     ("training", "mixed_precision"): ("bf16", "fp32"),
     ("training", "activation_checkpointing"): ("none", "full", "selective"),
     ("lr", "schedule"): ("cosine", "wsd", "constant"),
+    ("checkpoint", "allow_changed"): CHANGEABLE,
+}
+
+
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _above(low):
+    return lambda v: v > low, f"> {low}"
+
+
+def _fraction(upper_open: bool):
+    return (lambda v: 0 <= v < 1, "in [0, 1)") if upper_open else (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+# The range of each numeric key (a float must also be finite); None, where a field allows it, is always accepted.
+RANGES = {
+    **{("model", key): _at_least(1) for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+                                                 "max_seq_len", "head_dim", "hidden_dim")},
+    ("model", "vocab_size"): _at_least(-1),
+    **{("model", key): _above(0) for key in ("ffn_dim_multiplier", "norm_eps", "rope_theta")},
+    ("data", "seq_len"): _at_least(1),
+    **{("training", key): _at_least(1) for key in ("steps", "global_batch_size", "micro_batch_size", "eval_batches",
+                                                    "max_bad_steps")},
+    **{("training", key): _at_least(0) for key in ("seed", "max_grad_norm", "eval_interval")},
+    ("optimizer", "lr"): _above(0),
+    **{("optimizer", key): _at_least(0) for key in ("weight_decay", "eps")},
+    **{("optimizer", key): _fraction(upper_open=True) for key in ("beta1", "beta2")},
+    ("lr", "warmup_steps"): _at_least(0),
+    **{("lr", key): _fraction(upper_open=False) for key in ("decay_fraction", "min_lr_ratio")},
+    **{("checkpoint", key): _at_least(0) for key in ("interval", "keep")},
 }
 
 
@@ -144,6 +181,11 @@ def _convert(value, hint, where: str):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:  # of strings: a TOML list, or a comma list on the command line
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(item, str) for item in items):
+            return tuple(item.strip() for item in items if item.strip())
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -181,9 +223,21 @@ def _set(config: Config, section: str, key: str, value, source: str):
         raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys of [{section}]: {', '.join(hints)}")
     value = _convert(value, hints[key], f"{source}: {section}.{key}")
     choices = CHOICES.get((section, key))
-    if choices and value not in choices:
-        raise ConfigError(f"{source}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    for item in value if isinstance(value, tuple) else [value]:
+        if choices and item not in choices:
+            raise ConfigError(f"{source}: {section}.{key} must be one of {', '.join(choices)}, got {item!r}")
+    _check_number(value, section, key, source)
     setattr(obj, key, value)
+
+
+def _check_number(value, section: str, key: str, source: str):
+    """Refuse a number outside its key's range (``RANGES``), NaN and infinities, naming where it came from."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    accepts, expected = RANGES.get((section, key), (lambda v: True, ""))
+    if not (math.isfinite(value) and accepts(value)):
+        expected = f"a finite number {expected}" if isinstance(value, float) else f"an integer {expected}"
+        raise ConfigError(f"{source}: {section}.{key} must be {expected.strip()}, got {value!r}")
 
 
 @cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +44,10 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+class MetricsError(ValueError):
+    pass
+
+
 class MetricsLog:
     """One JSON object per step appended to ``<run>/metrics.jsonl`` (rank 0 only), mirrored to TensorBoard."""
 
@@ -51,8 +56,8 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         # Steps after the checkpoint we resume from were logged by the interrupted run; they are redone.
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_records(self.path) if record["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.file = open(self.path, "a")
         self.writer = None
         if tensorboard:
@@ -78,4 +83,24 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_records(Path(run_dir) / "metrics.jsonl")
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A last line cut short (its run was killed while writing it) is dropped
+    with a warning; any other line that is not a JSON object with a step is refused, naming the file and line."""
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                raise ValueError("not a JSON object with an integer 'step'")
+        except ValueError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}:{number}: dropped an incomplete last line (its run stopped while writing it)")
+                break
+            raise MetricsError(f"{path}:{number}: expected one JSON object with a 'step' per line ({e})") from None
+        records.append(record)
+    return records

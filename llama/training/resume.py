@@ -1,11 +1,13 @@
 """Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP), for exact resume.
 
 ``<run>/step-N/`` holds the model and optimizer (DCP, each process writing its own shards, reloadable on any
-number of processes), ``rng-rank-R.pt`` per process, and ``train_state.json`` (step, global sample counter,
-scheduler, skipped-step count). A save fills a hidden temporary folder, ``train_state.json`` last, which rank 0
-renames to ``step-N/`` after every process has finished and everything is on disk (``llama.files``), so a crash
-mid-save leaves the previous checkpoint as the newest complete one. (Loading a pretrained model for the start of a
-run is ``llama.checkpoint``'s job, not this one.)
+number of processes), ``rng-rank-R.pt`` per process (tensors and numbers, read with ``weights_only=True``: a file
+holding anything else is refused, never run), and ``train_state.json`` (step, global sample counter, scheduler,
+skipped-step count, and what defines the run: tokenizer, shards, sequence length, global batch, seed, model
+arguments). A save fills a hidden temporary folder, ``train_state.json`` last, which rank 0 renames to ``step-N/``
+after every process has finished and everything is on disk (``llama.files``), so a crash mid-save leaves the
+previous checkpoint as the newest complete one. (Loading a pretrained model for the start of a run is
+``llama.checkpoint``'s job, not this one.)
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ STEP_DIR = re.compile(r"step-(\d+)")
 TRAIN_STATE = "train_state.json"
 
 
-class CheckpointMismatch(ValueError):
-    pass
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what was expected."""
+
+
+class CheckpointMismatch(ResumeError):
+    """A checkpoint of another model or another run than the one configured."""
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -98,15 +104,71 @@ def check_shapes(path: Path, model_sd: dict):
             )
 
 
+def read_train_state(path: Path) -> dict:
+    file = path / TRAIN_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{file}: not valid JSON ({e})") from None
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "samples", "world_size"))):
+        raise ResumeError(f"{file}: expected a JSON object with integer step, samples and world_size")
+    return state
+
+
+def check_run(path: Path, run: dict, allowed: tuple[str, ...] = ()):
+    """Refuses to resume from ``path`` a run that differs from the one it records (``run``: the tokenizer's
+    fingerprint, the shards, seq_len, global_batch_size, seed and the model arguments), unless ``allowed`` names
+    what changed. A checkpoint that records no run (written before runs were recorded) is not checked."""
+    recorded = read_train_state(path).get("run") or {}
+    for key, now in json.loads(json.dumps(run)).items():  # as train_state.json gives it back: tuples as lists
+        then = recorded.get(key)
+        if then is None or key in allowed or _same(key, then, now):
+            continue
+        if key == "tokenizer":
+            advice = "its embedding rows stand for that tokenizer's tokens: train on shards made with it"
+        else:
+            advice = f"to resume with this change, add --checkpoint.allow_changed={key}"
+        raise CheckpointMismatch(
+            f"{path} was saved by a run with {_describe(key, then, now)}, this run has {_describe(key, now, then)}; "
+            f"{advice}, or use another checkpoint.dir"
+        )
+
+
+def _same(key: str, then, now) -> bool:
+    return then["digest"] == now["digest"] if key == "shards" else then == now
+
+
+def _describe(key: str, value, other) -> str:
+    if key == "tokenizer":
+        return f"tokenizer fingerprint {value[:16]}"
+    if key == "shards":
+        return f"shards {value['path']} ({value['train_tokens']} training tokens, digest {value['digest']})"
+    if key == "model":
+        changed = sorted(k for k in value.keys() | other.keys() if value.get(k) != other.get(k))
+        return "model " + ", ".join(f"{k}={value.get(k)!r}" for k in changed)
+    return f"{key} {value!r}"
+
+
+def load_rng_state(file: Path):
+    """Restores the RNG states saved in ``file``. It is read with ``weights_only=True``: a file holding anything
+    but tensors and plain values (a pickled object would run code as it loads) is refused, naming it."""
+    try:
+        set_rng_state(torch.load(file, weights_only=True))
+    except Exception as e:  # UnpicklingError for a forbidden object, RuntimeError for a damaged file, Key/TypeError
+        lines = str(e).splitlines()
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)
+        raise ResumeError(f"{file}: not RNG states saved by llama.train (tensors and numbers); not loaded: {reason}")
+
+
 def load(path: Path, model, optimizer) -> dict:
     """Collective: restores model, optimizer and (same world size) RNG states; returns the train state."""
+    train_state = read_train_state(path)
+    rng_file = path / f"rng-rank-{dist.get_rank()}.pt"
+    if train_state["world_size"] == dist.get_world_size() and rng_file.is_file():
+        load_rng_state(rng_file)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     check_shapes(path, model_sd)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path)  # DCP's .metadata is a pickle: the run folder is trusted input (README)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    train_state = json.loads((path / TRAIN_STATE).read_text())
-    rng_file = path / f"rng-rank-{dist.get_rank()}.pt"
-    if train_state["world_size"] == dist.get_world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
     return train_state

@@ -14,6 +14,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 
 from llama.checkpoint import load_args, load_model, save_hf
+from llama.files import FolderInUseError, folder_lock
 from llama.model import ModelArgs, Transformer
 from llama.training import resume
 from llama.training.config import Config, ConfigError, DataConfig, TrainingConfig
@@ -78,6 +81,25 @@ def resolve_model_args(cfg: Config, index: ShardIndex) -> ModelArgs:
     return args
 
 
+def check_device(training: TrainingConfig):
+    if training.device == "cuda" and not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"training.device is cuda, but {why}; use --training.device=cpu (or auto)")
+
+
+def run_identity(cfg: Config, args: ModelArgs, index: ShardIndex) -> dict:
+    """What defines the run, recorded by each checkpoint: a resume that changes any of it is refused, unless
+    ``checkpoint.allow_changed`` names the change (``resume.check_run``)."""
+    return {
+        "tokenizer": index.fingerprint,
+        "shards": index.identity(),
+        "seq_len": cfg.data.seq_len,
+        "global_batch_size": cfg.training.global_batch_size,
+        "seed": cfg.training.seed,
+        "model": asdict(args),
+    }
+
+
 def check_batch_sizes(training: TrainingConfig, world: int):
     """Each rank's share of the global batch must be whole micro-batches (the accumulation steps)."""
     per_step = training.micro_batch_size * world
@@ -124,6 +146,7 @@ def export(model, args: ModelArgs, index: ShardIndex, run_dir: Path):
 
 
 def train(cfg: Config):
+    check_device(cfg.training)
     if cfg.model.init_from:
         cfg.model.init_from = os.path.expanduser(cfg.model.init_from)
     index = read_index(os.path.expanduser(cfg.data.path))
@@ -132,47 +155,66 @@ def train(cfg: Config):
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_batch_sizes(cfg.training, world)
     run_dir = Path(cfg.checkpoint.dir).expanduser()
+    run = run_identity(cfg, args, index)
 
     device, mesh = init_distributed(cfg.training.device)
     try:
-        torch.manual_seed(cfg.training.seed)
-        model = build_model(cfg, args)
-        n_params = sum(p.numel() for p in model.parameters())
-        model = parallelize(model, mesh, cfg.training, device)
-        optimizer = build_optimizer(model, cfg.optimizer)
-        scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
-        progress = restore(run_dir, model, optimizer, scheduler)
-        if cfg.checkpoint.export_only:
-            if progress.step == 0:
-                raise FileNotFoundError(f"checkpoint.export_only: no complete checkpoint in {run_dir} to export")
-            export(model, args, index, run_dir)
-            return
-        run_steps(cfg, model, optimizer, scheduler, progress, train_windows, val_windows, device,
-                  flops_per_token(args, n_params, cfg.data.seq_len))
-        if cfg.checkpoint.export:
-            export(model, args, index, run_dir)
-        dist.barrier()  # all ranks finished before the group goes away (avoids a SIGABRT at exit seen with gloo)
+        with hold_run_dir(run_dir):
+            checkpoints = resume.complete_checkpoints(run_dir)
+            if checkpoints:
+                resume.check_run(checkpoints[-1], run, cfg.checkpoint.allow_changed)
+            torch.manual_seed(cfg.training.seed)
+            model = build_model(cfg, args)
+            n_params = sum(p.numel() for p in model.parameters())
+            model = parallelize(model, mesh, cfg.training, device)
+            optimizer = build_optimizer(model, cfg.optimizer)
+            scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
+            progress = restore(checkpoints[-1], model, optimizer, scheduler) if checkpoints else Progress()
+            if cfg.checkpoint.export_only:
+                if progress.step == 0:
+                    raise FileNotFoundError(f"checkpoint.export_only: no complete checkpoint in {run_dir} to export")
+                export(model, args, index, run_dir)
+                return
+            run_steps(cfg, model, optimizer, scheduler, progress, train_windows, val_windows, device,
+                      flops_per_token(args, n_params, cfg.data.seq_len), run)
+            if cfg.checkpoint.export:
+                export(model, args, index, run_dir)
+            dist.barrier()  # all ranks finished before the group goes away (avoids a SIGABRT at exit seen with gloo)
     finally:
         dist.destroy_process_group()
 
 
-def restore(run_dir: Path, model, optimizer, scheduler) -> Progress:
-    """The newest complete checkpoint's state, loaded into the model, optimizer and scheduler; a fresh start
-    without one."""
-    checkpoints = resume.complete_checkpoints(run_dir)
-    if not checkpoints:
-        return Progress()
-    state = resume.load(checkpoints[-1], model, optimizer)
+@contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """Collective: rank 0 holds the run folder's lock (``llama.files.folder_lock``) for the block; while another
+    run holds it, every rank raises the same error, naming that run's process."""
+    with ExitStack() as stack:
+        refused = [None]
+        if dist.get_rank() == 0:
+            try:
+                stack.enter_context(folder_lock(run_dir))
+            except FolderInUseError as e:
+                refused = [f"checkpoint.dir {e}; or choose another checkpoint.dir"]
+        dist.broadcast_object_list(refused, src=0)
+        if refused[0]:
+            raise FolderInUseError(refused[0])
+        yield
+
+
+def restore(checkpoint: Path, model, optimizer, scheduler) -> Progress:
+    """The checkpoint's state, loaded into the model, optimizer and scheduler."""
+    state = resume.load(checkpoint, model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
     progress = Progress(state["step"], state["samples"], state["skipped_steps"])
     if dist.get_rank() == 0:
-        print(f"resuming from {checkpoints[-1]} (step {progress.step}, {progress.samples} samples)", file=sys.stderr)
+        print(f"resuming from {checkpoint} (step {progress.step}, {progress.samples} samples)", file=sys.stderr)
     return progress
 
 
 def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, train_windows: TokenWindows,
-              val_windows: TokenWindows | None, device, flops: float):
-    """The loop: from ``progress`` to ``training.steps``, logging, validating and checkpointing as configured."""
+              val_windows: TokenWindows | None, device, flops: float, run: dict):
+    """The loop: from ``progress`` to ``training.steps``, logging, validating and checkpointing (with ``run``, what
+    defines the run) as configured."""
     rank, world = dist.get_rank(), dist.get_world_size()
     training, run_dir = cfg.training, Path(cfg.checkpoint.dir).expanduser()
     eval_windows = training.eval_batches * training.global_batch_size
@@ -242,7 +284,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, trai
             )
         interval = cfg.checkpoint.interval
         if interval and (progress.step % interval == 0 or progress.step == training.steps):
-            state = {**asdict(progress), "scheduler": scheduler.state_dict()}
+            state = {**asdict(progress), "scheduler": scheduler.state_dict(), "run": run}
             resume.save(run_dir, progress.step, model, optimizer, state, cfg.checkpoint.keep)
     bar.close()
     if log:

@@ -69,6 +69,14 @@ def test_train_benchmark_matches_transformers_loss(tmp_path):
     assert result["max_x_vs_hf"] == hf["step_s"] / result["linear_matmul_floor_s"]
 
 
+def test_shards_benchmark_times_both_readers_on_the_same_tokens(tmp_path):
+    result = run_benchmark("bench.shards", tmp_path, "--repeats", "2")
+    assert result["benchmark"] == "shards" and result["shard_tokens"] == 1_000_000
+    (row,) = result["rows"]
+    assert (row["batch"], row["seq_len"]) == (4, 256) and row["ours_ms"] > 0 and row["memmap_ms"] > 0
+    assert row["x_vs_memmap"] == pytest.approx(row["memmap_ms"] / row["ours_ms"])
+
+
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_matmul_floor_times_every_linear_layer_once(monkeypatch, tie_embeddings):
     monkeypatch.setattr(bench.train, "timed", lambda fn, device: 1.0)  # one second per weight's three matmuls

@@ -17,24 +17,27 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llama.checkpoint import CheckpointError, load_args, load_model, save_hf, save_meta
 from llama.checkpoint.embedded import default_checkpoint
+from llama.model import rope_frequencies
 from tokenizer import load_tokenizer
 
 BASE = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=128, rms_norm_eps=1e-5, max_position_embeddings=128,
 )
+# Llama 3.1's scaling (Meta's constants: what use_scaled_rope means and what llama.cpp's rope_freqs encode). With
+# head_dim 128, 6 of the 64 frequencies fall in the band that is smoothed between scaled and kept (wavelengths from
+# 8192 / 4 to 8192), 29 are kept and 29 scaled; with head_dim 16, one of 8 is in the band.
 LLAMA3_ROPE = dict(
     rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-    original_max_position_embeddings=32,  # small, so that the scaled band covers most of head_dim 16
+    original_max_position_embeddings=8192,
 )
-# Meta's constants (what use_scaled_rope means and what llama.cpp's rope_freqs encode); needs a long context
-LLAMA31 = dict(rope_parameters={**LLAMA3_ROPE, "original_max_position_embeddings": 8192}, max_position_embeddings=16384)
+LLAMA31 = dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)
 CONFIGS = {
     "mha": dict(num_key_value_heads=4, intermediate_size=200),
     "gqa": {},
     "mqa": dict(num_key_value_heads=1),
     "tied": dict(tie_word_embeddings=True),
-    "llama3_rope": dict(rope_parameters=LLAMA3_ROPE),
+    "llama3_rope": dict(rope_parameters=LLAMA3_ROPE, head_dim=128),
     "rope_theta": dict(rope_parameters=dict(rope_type="default", rope_theta=1234.0)),
     "head_dim": dict(head_dim=32),  # 4 heads x 32 = 128 != hidden_size 64
 }
@@ -82,6 +85,30 @@ def test_hf_folder_gives_transformers_logits(tmp_path, name):
     assert max_diff(ours, hf) <= TOL
 
 
+def test_llama3_rope_frequencies_equal_transformers_in_the_smoothing_band(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = make_hf(**CONFIGS["llama3_rope"])
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
+    ours = rope_frequencies(load_args(save_hf_model(hf, tmp_path / "hf")))
+    wavelengths = 2 * torch.pi / rope_frequencies(replace(load_args(tmp_path / "hf"), rope_scaling=None))
+    original, low, high = 8192, LLAMA3_ROPE["low_freq_factor"], LLAMA3_ROPE["high_freq_factor"]
+    in_band = (wavelengths > original / high) & (wavelengths < original / low)
+    assert in_band.sum() == 6 and (wavelengths < original / high).sum() == 29  # all three regimes are covered
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+
+
+def test_config_without_tie_word_embeddings_is_untied_as_transformers_reads_it(tmp_path):
+    folder = save_hf_model(make_hf(), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = load_model(folder)
+    assert not theirs.config.tie_word_embeddings and not ours.args.tie_embeddings
+    assert max_diff(ours, theirs) <= TOL
+
+
 def test_sharded_hf_folder_loads_the_same(tmp_path):
     hf = make_hf()
     folder = save_hf_model(hf, tmp_path / "hf", max_shard_size="40KB")
@@ -98,7 +125,7 @@ def test_transformers4_config_keys_load_the_same(tmp_path):
     config.update(rope_theta=LLAMA3_ROPE["rope_theta"], rope_scaling={"type": "llama3", **scaling}, torch_dtype="float32")
     (folder / "config.json").write_text(json.dumps(config))
     ours = load_model(folder)
-    assert ours.args.rope_theta == 500000.0 and ours.args.rope_scaling["original_max_position_embeddings"] == 32
+    assert ours.args.rope_theta == 500000.0 and ours.args.rope_scaling["original_max_position_embeddings"] == 8192
     assert max_diff(ours, hf) <= TOL
 
 

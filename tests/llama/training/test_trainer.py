@@ -132,6 +132,10 @@ def test_one_process_matches_two_at_the_same_global_batch(run_a, shards, tmp_pat
     train(load_config(run_args(shards, tmp_path)))
     one, two = losses(tmp_path), losses(run_a)
     assert max(abs(one[s] - two[s]) for s in two) < 1e-5
+    # 4 micro-batches here, 2 per process there: the gradient (and its norm) must not depend on their count
+    norm_one, norm_two = ({r["step"]: r["grad_norm"] for r in read_metrics(run) if "loss" in r}
+                          for run in (tmp_path, run_a))
+    assert max(abs(norm_one[s] / norm_two[s] - 1) for s in norm_two) < 1e-4
     val_one, val_two = (val_losses(run) for run in (tmp_path, run_a))
     assert val_one.keys() == val_two.keys() and max(abs(val_one[s] - val_two[s]) for s in val_two) < 1e-5
     assert windows(tmp_path) == windows(run_a)
@@ -192,8 +196,11 @@ def test_exported_folder_gives_transformers_our_logits(run_a):
 
 def test_checkpoint_from_another_model_is_refused(run_a, shards, tmp_path):
     shutil.copytree(run_a / f"step-{STEPS}", tmp_path / f"step-{STEPS}")
-    with pytest.raises(CheckpointMismatch, match=r"different model: tok_embeddings.weight has shape \(512, 64\)"):
+    with pytest.raises(CheckpointMismatch, match=r"saved by a run with model dim=64, .* this run has model dim=32"):
         train(load_config(run_args(shards, tmp_path, "--model.dim=32")))
+    # allowed to change the model's arguments, its shapes must still fit the checkpoint's tensors
+    with pytest.raises(CheckpointMismatch, match=r"different model: tok_embeddings.weight has shape \(512, 64\)"):
+        train(load_config(run_args(shards, tmp_path, "--model.dim=32", "--checkpoint.allow_changed=model")))
 
 
 def test_activation_checkpointing_leaves_the_losses_unchanged(shards, tmp_path):
