@@ -19,6 +19,7 @@ from llama.model import Transformer
 from llama.transforms.quantize import quantize_weights
 from llama.transforms.tensor_parallel import apply_tensor_parallel, init_tensor_parallel_mesh, local_rank, world_size
 from tokenizer import Dialog, check_fits, encode_dialog
+from tokenizer.fim import fim_tokens, infilling_prompt
 
 
 class Llama:
@@ -92,6 +93,7 @@ class Llama:
         top_k: int = 0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        stop_ids: tuple[int, ...] = (),
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Generate continuations of token prompts; returns (token lists, logprob lists or None).
 
@@ -101,8 +103,10 @@ class Llama:
         distribution. With ``echo`` the prompt comes first, and its logprobs too; the first prompt token has no
         context, so its logprob is reported as 0.0 (as Meta's reference does). ``top_k`` 0 means no limit;
         ``seed`` gives this call's rows their own random streams, otherwise they are drawn from the stream seeded
-        in ``build``."""
-        requests = self._requests(prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs, echo)
+        in ``build``; ``stop_ids`` end the rows besides the tokenizer's stop ids."""
+        requests = self._requests(
+            prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs, echo, stop_ids
+        )
         self.complete(requests)
         out_tokens = [(r.prompt if echo else []) + r.tokens for r in requests]
         if not logprobs:
@@ -174,6 +178,43 @@ class Llama:
         prompt_tokens = self._encode_prompts(prompts)
         return self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, **options)
 
+    # ----------------------------------------------------------------------------------------------- infilling
+
+    def text_infilling(
+        self,
+        prefixes: list[str],
+        suffixes: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+        **options,
+    ) -> list[dict]:
+        """Fill in the middle between each prefix and suffix, as Code Llama's ``text_infilling``:
+        ``[{"generation": middle, "full_text": prefix + middle + suffix}]``, plus ``"tokens"`` and ``"logprobs"``
+        when asked. The prompt is Code Llama's layout (``tokenizer.fim``), prefix-suffix-middle or, with
+        ``suffix_first``, suffix-prefix-middle; the middle ends at the vocabulary's end-of-infill token (``EOT``)
+        or EOS. ``options``: top_k, stop, seed (see ``generate``). A tokenizer without FIM tokens is refused."""
+        if isinstance(prefixes, str) or isinstance(suffixes, str) or len(prefixes) != len(suffixes):
+            raise ValueError("prefixes and suffixes must be lists of strings of the same length")
+        if not all(isinstance(text, str) for text in [*prefixes, *suffixes]):
+            raise ValueError("prefixes and suffixes must be strings")
+        end = fim_tokens(self.tokenizer).end  # refuses a vocabulary without FIM tokens
+        prompt_tokens = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        stop_ids = () if end is None else (end,)
+        tokens, token_logprobs = self.generate(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_ids=stop_ids, **options
+        )
+        results = []
+        for i, (prefix, suffix, row_tokens) in enumerate(zip(prefixes, suffixes, tokens)):
+            middle = cut_at_stop(self.tokenizer.decode_infill(row_tokens), stop_strings(options.get("stop")))
+            result = {"generation": middle, "full_text": prefix + middle + suffix}
+            if logprobs:
+                result.update(tokens=[self.tokenizer.decode([t]) for t in row_tokens], logprobs=token_logprobs[i])
+            results.append(result)
+        return results
+
     # ----------------------------------------------------------------------------------------------- chat
 
     def chat_completion(
@@ -228,7 +269,8 @@ class Llama:
         return [encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
 
     def _requests(
-        self, prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs=False, echo=False
+        self, prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs=False, echo=False,
+        stop_ids=(),
     ) -> list[Request]:
         """One request per prompt, all checked before any work. With ``seed``, row i's stream is the i-th of the
         streams ``seed`` draws."""
@@ -239,7 +281,7 @@ class Llama:
             seeds = torch.randint(2**62, (len(prompt_tokens),), generator=torch.Generator().manual_seed(seed)).tolist()
         requests = []
         for i, (prompt, row_seed) in enumerate(zip(prompt_tokens, seeds)):
-            sampling = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, row_seed, logprobs)
+            sampling = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, row_seed, logprobs, stop_ids)
             request = Request(list(prompt), sampling, echo_logprobs=echo and logprobs)
             self.engine.check(request, name=f"prompt {i}")
             requests.append(request)
