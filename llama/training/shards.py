@@ -92,7 +92,9 @@ def prepare(inputs: list[str], tokenizer: str, output: str, val_fraction: float 
     if workers < 1 or shard_tokens < 1:
         raise ValueError(f"--workers and --shard_tokens must be >= 1, got {workers} and {shard_tokens}")
     files = expand_inputs(inputs, exclude)
-    tok = load_with_added_tokens(tokenizer, add_tokens)
+    base = load_tokenizer(tokenizer)
+    tok = base.with_added_tokens(list(add_tokens)) if add_tokens else base
+    added = {name: tok.token_id(name) for name in dict.fromkeys(add_tokens) if base.token_id(name) is None}
     if tok.eos_id is None:
         raise ShardError(f"tokenizer {tokenizer} has no EOS token to separate documents")
     fim.check(tok)
@@ -135,8 +137,8 @@ def prepare(inputs: list[str], tokenizer: str, output: str, val_fraction: float 
             "documents": sum(s["documents"] for s in splits.values()),
             "splits": splits,
         }
-        if add_tokens:
-            index["added_tokens"] = list(add_tokens)
+        if add_tokens:  # the tokens the vocabulary did not have, and their ids
+            index["added_tokens"] = added
         if fim.rate > 0:
             index["fim"] = {**fim.record(tok), "psm_documents": layouts["psm"], "spm_documents": layouts["spm"]}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # last: its presence marks a complete folder

@@ -120,7 +120,8 @@ def test_prepare_with_fim_is_the_same_with_1_and_2_workers(tmp_path, corpus, sp_
     assert (one / "index.json").read_text() == (two / "index.json").read_text()
     index = json.loads((one / "index.json").read_text())
     grown = load_tokenizer(one / "tokenizer")
-    assert index["added_tokens"] == CODE_LLAMA and index["vocab_size"] == grown.vocab_size == 604
+    assert index["added_tokens"] == dict(zip(CODE_LLAMA, range(600, 604)))
+    assert index["vocab_size"] == grown.vocab_size == 604
     assert index["fim"]["token_ids"] == {"prefix": 600, "suffix": 602, "middle": 601, "end": 603}
     assert (index["fim"]["rate"], index["fim"]["spm_rate"], index["fim"]["seed"]) == (0.9, 0.5, 1)
     cut = index["fim"]["psm_documents"] + index["fim"]["spm_documents"]
