@@ -20,6 +20,7 @@ from llama.transforms.quantize import quantize_weights
 from llama.transforms.tensor_parallel import apply_tensor_parallel, init_tensor_parallel_mesh, local_rank, world_size
 from tokenizer import Dialog, check_fits, encode_dialog
 from tokenizer.fim import fim_tokens, infilling_prompt
+from tokenizer.tools import parse_tool_calls
 
 
 class Llama:
@@ -224,16 +225,39 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         logprobs: bool = False,
+        *,
+        tools: list[dict] | None = None,
+        builtin_tools: list[str] | None = None,
         **options,
     ) -> list[dict]:
-        """Answer dialogs: ``[{"generation": {"role": "assistant", "content": str}}]``, plus ``"tokens"`` and
-        ``"logprobs"`` when asked. Dialogs are formatted by the checkpoint's own chat format."""
-        prompt_tokens = self._encode_dialogs(dialogs)
-        outputs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **options)
-        return [
-            {"generation": {"role": "assistant", "content": text}, **extra}
-            for text, extra in self._texts(prompt_tokens, *outputs, False, options.get("stop"))
-        ]
+        """Answer dialogs: ``[{"generation": {"role": "assistant", "content": str, "stop_reason": ...}}]``, plus
+        ``"tokens"`` and ``"logprobs"`` when asked. Dialogs are formatted by the checkpoint's own chat format.
+        ``stop_reason`` is Meta's llama-models': "end_of_turn", "end_of_message" (``<|eom_id|>``: the model waits
+        for a tool's result) or "out_of_tokens". With ``tools`` (JSON schemas) or ``builtin_tools`` the prompt
+        offers them (``encode_dialog``) and an answer that calls one comes back as ``"tool_calls"`` in
+        transformers' structure with content "" (``tokenizer.tools.parse_tool_calls``). ``options``: top_k, stop,
+        seed (see ``generate``)."""
+        prompt_tokens = self._encode_dialogs(dialogs, tools, builtin_tools)
+        requests = self._requests(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs=logprobs,
+            **{"top_k": 0, "stop": None, "seed": None, **options},
+        )
+        self.complete(requests)
+        outputs = [r.tokens for r in requests], [r.logprobs for r in requests] if logprobs else None
+        end_of_message = self.tokenizer.token_id("<|eom_id|>")
+        results = []
+        for request, (text, extra) in zip(requests, self._texts(prompt_tokens, *outputs, False, options.get("stop"))):
+            generation = {"role": "assistant", "content": text}
+            if tools or builtin_tools:
+                content, calls = parse_tool_calls(text)
+                generation = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            generation["stop_reason"] = (
+                "out_of_tokens" if request.finish_reason == "length"
+                else "end_of_message" if request.stop_token is not None and request.stop_token == end_of_message
+                else "end_of_turn"
+            )
+            results.append({"generation": generation, **extra})
+        return results
 
     def stream_chat_completion(
         self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None,
@@ -263,10 +287,10 @@ class Llama:
             raise ValueError("no prompts given")
         return [self.tokenizer.encode(p, bos=self.tokenizer.add_bos) for p in prompts]
 
-    def _encode_dialogs(self, dialogs: list[Dialog]) -> list[list[int]]:
+    def _encode_dialogs(self, dialogs: list[Dialog], tools=None, builtin_tools=None) -> list[list[int]]:
         if not dialogs:
             raise ValueError("no dialogs given")
-        return [encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
+        return [encode_dialog(self.tokenizer, dialog, tools=tools, builtin_tools=builtin_tools) for dialog in dialogs]
 
     def _requests(
         self, prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs=False, echo=False,
