@@ -88,8 +88,10 @@ def _check_message(message, fmt: ChatFormat, before: Message | None) -> None:
         raise ValueError(f"each message must be a dict with string 'role' and 'content', got {message!r}")
     role, content, calls = message["role"], message.get("content"), message.get("tool_calls")
     if calls is not None:
-        if not (fmt.tools and role == "assistant"):
-            raise ValueError(f"{fmt.name} takes tool_calls in assistant messages only, got {message!r}")
+        if not fmt.tools:
+            raise ValueError(f"{fmt.name}'s chat format has no tool calls, got {message!r}")
+        if role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, got {message!r}")
         if not (isinstance(calls, list) and len(calls) == 1):
             raise ValueError(f"an assistant message calls one tool at a time (Llama 3.1), got tool_calls={calls!r}")
         call_parts(calls[0])

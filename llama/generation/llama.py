@@ -261,10 +261,11 @@ class Llama:
 
     def stream_chat_completion(
         self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None,
-        **options,
+        *, tools: list[dict] | None = None, builtin_tools: list[str] | None = None, **options,
     ) -> Iterator[list[str]]:
-        """Answer increments per dialog, step by step (see ``generate_stream``)."""
-        prompt_tokens = self._encode_dialogs(dialogs)
+        """Answer increments per dialog, step by step (see ``generate_stream``); ``tools`` and ``builtin_tools``
+        are offered in the prompt as ``chat_completion`` offers them, and a call streams as the text it is."""
+        prompt_tokens = self._encode_dialogs(dialogs, tools, builtin_tools)
         return self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, **options)
 
     # ----------------------------------------------------------------------------------------------- internals

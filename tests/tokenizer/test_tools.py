@@ -393,7 +393,7 @@ def test_parser_reads_the_other_call_forms_and_leaves_text_alone():
       {"role": "user", "content": "c"}], "out of order: Llama 3 expects .* the result \\('ipython' or 'tool'\\)"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"}],
      "must follow an assistant message with tool_calls"),
-    ([{"role": "user", "content": "a", "tool_calls": []}], "tool_calls in assistant messages only"),
+    ([{"role": "user", "content": "a", "tool_calls": []}], "tool_calls belong to assistant messages"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": {}}}] * 2}], "one tool at a time"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
@@ -411,6 +411,10 @@ def test_llama2_has_no_tools(sp_model):
         encode_dialog(tokenizer, [{"role": "user", "content": "a"}], builtin_tools=["brave_search"])
     with pytest.raises(ValueError, match="out of order: Llama 2 expects"):
         check_dialog([{"role": "user", "content": "a"}, {"role": "ipython", "content": "b"}])
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    with pytest.raises(ValueError, match="Llama 2's chat format has no tool calls"):
+        check_dialog([{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": [call]}],
+                     add_generation_prompt=False)
 
 
 def test_bad_tool_options_are_refused(llama3):

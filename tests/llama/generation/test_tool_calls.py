@@ -78,3 +78,13 @@ def test_without_tools_the_text_is_returned_as_is(llama3):
     answer = llama.chat_completion([DIALOG], temperature=0, max_gen_len=3)[0]["generation"]
     assert answer == {"role": "assistant", "content": llama3.decode(generated[:3]), "stop_reason": "out_of_tokens"}
     assert answer["content"].startswith("<|python_tag|>print")
+
+
+def test_a_streamed_call_is_its_text(llama3):
+    prompt = encode_dialog(llama3, DIALOG, builtin_tools=["code_interpreter"])
+    code = llama3.encode("print(7)")
+    model = chain_model(llama3, [prompt[-1], llama3.special_tokens["<|python_tag|>"], *code,
+                                 llama3.special_tokens["<|eom_id|>"]])
+    llama = Llama(model, llama3, max_seq_len=128, max_batch_size=1)
+    steps = llama.stream_chat_completion([DIALOG], temperature=0, max_gen_len=20, builtin_tools=["code_interpreter"])
+    assert "".join(pieces[0] for pieces in steps) == "<|python_tag|>print(7)"
