@@ -149,7 +149,8 @@ def main(
     for n in lengths:
         for variant in variants:
             if variant == "hf_eager" and n > eager_max:
-                rows.append({"variant": variant, "tokens": n, "peak_mib": None, "skipped": f"> --eager_max {eager_max}"})
+                skipped = f"> --eager_max {eager_max}"
+                rows.append({"variant": variant, "tokens": n, "peak_mib": None, "skipped": skipped})
                 continue
             row = {"variant": variant, "tokens": n, **run_in_fresh_process(variant, shape, n, device, threads)}
             row["mib_per_1k_tokens"] = row["peak_mib"] / n * 1024

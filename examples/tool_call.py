@@ -42,7 +42,8 @@ FUNCTIONS = {"get_current_temperature": get_current_temperature}
 WORKED_EXCHANGE = [  # for a model without a tool prompt of its own
     {"role": "user", "content": "What is the temperature in London, UK?"},
     {"role": "assistant", "content": '{"name": "get_current_temperature", "parameters": {"location": "London, UK"}}'},
-    {"role": "user", "content": 'The tool returned: {"location": "London, UK", "temperature": 17.5, "unit": "celsius"}'},
+    {"role": "user",
+     "content": 'The tool returned: {"location": "London, UK", "temperature": 17.5, "unit": "celsius"}'},
     {"role": "assistant", "content": "It is 17.5 °C in London, UK."},
 ]
 

@@ -197,8 +197,9 @@ def rope_cos_sin(args: ModelArgs, seq_len: int, device=None) -> tuple[torch.Tens
 
 def dynamic_rope_cos_sin(args: ModelArgs, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (bs, seqlen, head_dim) of dynamic NTK scaling at ``input_pos`` (bs, seqlen): each row's
-    frequencies follow its own length, the last position + 1, as transformers' do for a batch of one. Keys already
-    in a KV cache keep the rotation they were written with, as in transformers."""
+    frequencies follow its own length, the last position + 1, as transformers' do for a batch of one (a right-padded
+    row counts its padding). Keys already in a KV cache keep the rotation they were written with, as in
+    transformers."""
     inv_freq = rope_frequencies(args, input_pos.max(dim=-1).values + 1)  # (bs, head_dim // 2)
     angles = input_pos[..., None].float() * inv_freq[:, None, :]
     angles = torch.cat([angles, angles], dim=-1)

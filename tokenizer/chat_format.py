@@ -224,7 +224,8 @@ def render_template(tokenizer: Tokenizer, dialog: Dialog, add_generation_prompt:
     """The text transformers' ``apply_chat_template(..., tokenize=False, tools=tools, builtin_tools=...,
     date_string=date)`` gives (``tools`` is always passed, None when there are none, as transformers does)."""
     tokens = {f"{kind}_token": tokenizer.token_name(getattr(tokenizer, f"{kind}_id")) for kind in ("bos", "eos", "pad")}
-    extra = {key: value for key, value in (("builtin_tools", builtin_tools), ("date_string", date)) if value is not None}
+    extra = {key: value for key, value in (("builtin_tools", builtin_tools), ("date_string", date))
+             if value is not None}
     return _compile(tokenizer.chat_template).render(
         messages=dialog, tools=tools, add_generation_prompt=add_generation_prompt,
         **{k: v for k, v in tokens.items() if v}, **extra,

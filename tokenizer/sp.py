@@ -69,7 +69,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def token_id(self, text: str) -> int | None:
         token_id = self.processor.piece_to_id(text)
-        return None if self.processor.is_unknown(token_id) and text != self.processor.id_to_piece(token_id) else token_id
+        unknown = self.processor.is_unknown(token_id) and text != self.processor.id_to_piece(token_id)
+        return None if unknown else token_id
 
     def with_added_tokens(self, names: list[str]) -> SentencePieceTokenizer:
         model = self._proto()

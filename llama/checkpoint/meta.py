@@ -14,7 +14,8 @@ from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 
 # Meta's constants for Llama 3.1 RoPE scaling (``use_scaled_rope: true``); 3.2 varies only the factor.
 META_ROPE_SCALING = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+    "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
 }
 # Model-parallel split dimension per weight kind (Meta's Column/RowParallelLinear); absent = replicated.
 META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}

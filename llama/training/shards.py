@@ -4,8 +4,10 @@ an ``index.json``, which ``llama.training.data`` reads.
 Every document is encoded with the tokenizer's own convention (BOS first when the tokenizer adds one) and ends with
 EOS, so documents stay separated in the concatenated stream; with a FIM rate, documents are first cut and laid out
 for fill-in-the-middle (``llama.training.fim``). Tokens added to the vocabulary (``add_tokens``) are saved with the
-shards' tokenizer. Every ``1 / val_fraction``-th document goes to the validation split. The output is deterministic: inputs are sorted and the parallel map keeps their order, so the same
-inputs give the same bytes whatever ``workers``. It is written atomically (``llama.files``), ``index.json`` last.
+shards' tokenizer. Every ``1 / val_fraction``-th document goes to the validation split. The output is
+deterministic: inputs are sorted and the parallel map keeps their order (and a document's FIM cut depends on its
+number only), so the same inputs give the same bytes whatever ``workers``. It is written atomically
+(``llama.files``), ``index.json`` last.
 """
 
 from __future__ import annotations

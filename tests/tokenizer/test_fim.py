@@ -167,4 +167,5 @@ def test_starcoder_names_on_a_bpe(smollm2_gguf_path):
     fim = fim_tokens(grown)
     assert (fim.prefix, fim.suffix, fim.middle, fim.end) == (49152, 49153, 49154, None)
     # no BOS (SmolLM2 adds none) and no implicit space to remove in a byte-level BPE
-    assert infilling_prompt(grown, "def f(", "):\n") == [49152, *grown.encode("def f("), 49153, *grown.encode("):\n"), 49154]
+    expected = [49152, *grown.encode("def f("), 49153, *grown.encode("):\n"), 49154]
+    assert infilling_prompt(grown, "def f(", "):\n") == expected

@@ -47,7 +47,8 @@ BRAVE_SEARCH = {
         "Cutting Knowledge Date: December 2023\n"
         "Today Date: 23 July 2024\n\n"
         "You are a helpful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
-        "What is the current weather in Menlo Park, California?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "What is the current weather in Menlo Park, California?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
         '<|python_tag|>brave_search.call(query="current weather in Menlo Park, California")<|eom_id|>'
         "<|start_header_id|>ipython<|end_header_id|>\n\n"
         '{"query": "current weather in Menlo Park, California", "top_k": [{"title": "Menlo Park, CA Weather '
@@ -290,7 +291,8 @@ def llama3_file(stdlib_files, tmp_path_factory):
     trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train([str(f) for f in stdlib_files], trainer)
-    ranks = sorted(((bytes(char_to_byte()[c] for c in t), i) for t, i in backend.get_vocab().items()), key=lambda x: x[1])
+    vocab = backend.get_vocab()
+    ranks = sorted(((bytes(char_to_byte()[c] for c in t), i) for t, i in vocab.items()), key=lambda x: x[1])
     path = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
     path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks))
     return path

@@ -155,7 +155,8 @@ def test_args_from_config(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, factor=4.0)), "unsupported rope_type 'longrope'"),
+        (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, factor=4.0)),
+         "unsupported rope_type 'longrope'"),
         (dict(rope_scaling=dict(type="linear"), rope_parameters=None), r"linear rope scaling without \['factor'\]"),
         (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "unsupported architecture"),
     ],
@@ -330,7 +331,8 @@ def test_gguf_file_gives_transformers_logits(tmp_path, name):
     assert ours.args.tie_embeddings == hf.config.tie_word_embeddings
     scaling = ours.args.rope_scaling
     if name.endswith("_rope"):  # llama3 recovered from rope_freqs, the others read from llama.rope.scaling.*
-        assert scaling["rope_type"] == name.removesuffix("_rope") and scaling["factor"] == hf.config.rope_parameters["factor"]
+        assert scaling["rope_type"] == name.removesuffix("_rope")
+        assert scaling["factor"] == hf.config.rope_parameters["factor"]
     else:
         assert scaling is None
     assert max_diff(ours, hf) <= TOL

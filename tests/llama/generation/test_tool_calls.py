@@ -29,7 +29,8 @@ def llama3(tmp_path_factory):
     trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train([str(STDLIB / "textwrap.py"), str(STDLIB / "shlex.py")], trainer)
-    ranks = sorted(((bytes(char_to_byte()[c] for c in t), i) for t, i in backend.get_vocab().items()), key=lambda x: x[1])
+    vocab = backend.get_vocab()
+    ranks = sorted(((bytes(char_to_byte()[c] for c in t), i) for t, i in vocab.items()), key=lambda x: x[1])
     path = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
     path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks))
     return load_tokenizer(path)
@@ -56,11 +57,13 @@ def chain_model(tokenizer, chain: list[int]) -> Transformer:
 def test_a_tool_call_comes_back_structured_with_its_stop_reason(llama3, end, stop_reason):
     prompt = encode_dialog(llama3, DIALOG, builtin_tools=["code_interpreter"])
     code = llama3.encode("print(7)")
-    model = chain_model(llama3, [prompt[-1], llama3.special_tokens["<|python_tag|>"], *code, llama3.special_tokens[end]])
+    special = llama3.special_tokens
+    model = chain_model(llama3, [prompt[-1], special["<|python_tag|>"], *code, special[end]])
     llama = Llama(model, llama3, max_seq_len=128, max_batch_size=2)
     answer = llama.chat_completion([DIALOG], temperature=0, max_gen_len=20, builtin_tools=["code_interpreter"])[0]
     call = {"type": "function", "function": {"name": "code_interpreter", "arguments": {"code": "print(7)"}}}
-    assert answer["generation"] == {"role": "assistant", "content": "", "tool_calls": [call], "stop_reason": stop_reason}
+    expected = {"role": "assistant", "content": "", "tool_calls": [call], "stop_reason": stop_reason}
+    assert answer["generation"] == expected
     # the call and the tool's result extend the dialog, which the assistant then answers
     dialog = DIALOG + [answer["generation"], {"role": "ipython", "content": "7"}]
     extended = encode_dialog(llama3, dialog, builtin_tools=["code_interpreter"])

@@ -106,7 +106,8 @@ def test_rates_and_split_points_follow_the_options():
     assert within_3_sigma(len(cut), n, options.rate)
     assert within_3_sigma(sum(s.suffix_first for s in cut), len(cut), options.spm_rate)
     # the cuts are the smaller and the larger of two uniform positions: means 1/3 and 2/3 of the length
-    for positions, mean in ([len(s.prefix) / len(text) for s in cut], 1 / 3), ([1 - len(s.suffix) / len(text) for s in cut], 2 / 3):
+    starts, ends = [len(s.prefix) / len(text) for s in cut], [1 - len(s.suffix) / len(text) for s in cut]
+    for positions, mean in (starts, 1 / 3), (ends, 2 / 3):
         assert abs(np.mean(positions) - mean) <= 3 * np.std(positions) / math.sqrt(len(cut))
     # a document's cut depends on its number and the seed only
     assert fim_split(text, 11, options) == fim_split(text, 11, options) != fim_split(text, 11, FimOptions(0.9, 0.3, 8))
