@@ -48,7 +48,7 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None  # scales Meta's FFN width before rounding (Llama 3: 1.3)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base (Llama 3: 500000)
-    rope_scaling: dict | None = None  # Llama 3.1: factor, low/high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict | None = None  # {"rope_type": linear, dynamic, llama3 or yarn, ...} (transformers' keys)
     max_seq_len: int = 2048  # context length: the rotary tables and the longest KV cache
     tie_embeddings: bool = False  # output projection shares the input embedding matrix
     head_dim: int | None = None  # None: dim // n_heads
@@ -66,6 +66,7 @@ class ModelArgs:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        check_rope_scaling(self.rope_scaling)
 
     def check(self) -> None:
         """Refuse sizes no model can have (the message names the field), before anything is derived from them."""
@@ -114,13 +115,59 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies (head_dim // 2,) in fp32, with Llama 3.1 scaling when configured."""
+# The rope scaling types of ModelArgs.rope_scaling (transformers' rope_type names and keys): required keys, optional.
+ROPE_SCALING_KEYS = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor", "original_max_position_embeddings"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+    "yarn": (
+        {"factor", "original_max_position_embeddings"},
+        {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"},
+    ),
+}
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """Raise ValueError unless ``scaling`` is None or a ``{"rope_type": ..., ...}`` of a known type and its keys."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling needs a rope_type among {', '.join(ROPE_SCALING_KEYS)}, got {scaling!r}")
+    required, optional = ROPE_SCALING_KEYS[kind]
+    keys = scaling.keys() - {"rope_type"}
+    if required - keys or keys - required - optional:
+        raise ValueError(
+            f"rope_scaling of type {kind} takes {sorted(required)} (and optionally {sorted(optional)}), "
+            f"got {sorted(keys)}"
+        )
+
+
+def rope_frequencies(args: ModelArgs, seq_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in fp32, scaled as ``args.rope_scaling`` says; the formulas are
+    transformers' (``modeling_rope_utils``). Dynamic NTK scaling depends on the sequence length: with ``seq_len``
+    (n,), one row of frequencies per length, (n, head_dim // 2)."""
     d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = args.rope_scaling
-    if not s:
-        return inv_freq
+    exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+    s = args.rope_scaling or {}
+    kind = s.get("rope_type")
+    if kind == "dynamic" and seq_len is not None:
+        # Past the original context the base grows with the length, so the longest wavelength still spans it.
+        original, factor = s["original_max_position_embeddings"], s["factor"]
+        seq_len = seq_len.clamp(min=original)
+        base = args.rope_theta * ((factor * seq_len / original) - (factor - 1)) ** (d / (d - 2))
+        return 1.0 / (base[:, None] ** exponents.to(base.device))
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    if kind == "linear":  # position interpolation: every position divided by the factor
+        return inv_freq / s["factor"]
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, s)
+    if kind == "yarn":
+        return _yarn_frequencies(args, s)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -132,10 +179,56 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_frequencies(args: ModelArgs, s: dict) -> torch.Tensor:
+    """YaRN: dimensions that turn fewer than ``beta_slow`` times over the original context are interpolated
+    (divided by the factor), those turning more than ``beta_fast`` times kept, a linear ramp between."""
+    d, base, factor = args.head_dim, args.rope_theta, s["factor"]
+    original = s["original_max_position_embeddings"]
+
+    def dimension_of(rotations: float) -> float:  # the dimension whose wavelength fits `rotations` times
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension_of(s.get("beta_fast") or 32), dimension_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2).float() / d)
+    return (1 / (factor * pos_freqs)) * ramp + (1 / pos_freqs) * (1 - ramp)
+
+
+def rope_attention_scaling(args: ModelArgs) -> float:
+    """What cos and sin are multiplied by: YaRN's temperature, sqrt(1/t) = 0.1 ln(factor) + 1 by default; 1 else."""
+    s = args.rope_scaling or {}
+    if s.get("rope_type") != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return s["attention_factor"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])
+
+
 def rope_cos_sin(args: ModelArgs, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_dim), fp32, in rotate-half layout."""
     inv_freq = rope_frequencies(args).to(device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    scale = rope_attention_scaling(args)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def dynamic_rope_cos_sin(args: ModelArgs, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (bs, seqlen, head_dim) of dynamic NTK scaling at ``input_pos`` (bs, seqlen): each row's
+    frequencies follow its own length, the last position + 1, as transformers' do for a batch of one (a right-padded
+    row counts its padding). Keys already in a KV cache keep the rotation they were written with, as in
+    transformers."""
+    inv_freq = rope_frequencies(args, input_pos.max(dim=-1).values + 1)  # (bs, head_dim // 2)
+    angles = input_pos[..., None].float() * inv_freq[:, None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -340,8 +433,11 @@ class Transformer(nn.Module):
             mask = causal_mask(input_pos, int(input_pos.max()) + 1)
 
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
-        cos = self.rope_cos[input_pos].unsqueeze(2).to(h.dtype)  # (bs, seqlen, 1, head_dim)
-        sin = self.rope_sin[input_pos].unsqueeze(2).to(h.dtype)
+        if (self.args.rope_scaling or {}).get("rope_type") == "dynamic":
+            cos, sin = dynamic_rope_cos_sin(self.args, input_pos)
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        cos, sin = cos.unsqueeze(2).to(h.dtype), sin.unsqueeze(2).to(h.dtype)  # (bs, seqlen, 1, head_dim)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos if cached else None, mask, cache_rows)
         if logits_at is not None:

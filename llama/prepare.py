@@ -1,7 +1,7 @@
 """Tokenize a corpus into shards for ``python -m llama.train``.
 
     python -m llama.prepare --input src/ data/*.jsonl.gz --tokenizer tokenizer.model --output shards/ \
-        [--val_fraction 0.01] [--workers 8]
+        [--val_fraction 0.01] [--workers 8] [--add_tokens "<fim_prefix>" ...] [--fim_rate 0.9 --fim_spm_rate 0.5]
 
 Inputs are files, folders, globs or comma lists of them (``tokenizer.corpus``); the shards and their index are
 ``llama.training.shards``'s.
@@ -13,6 +13,7 @@ import json
 
 from llama import cli
 from llama.training.data import INDEX
+from llama.training.fim import FimOptions
 from llama.training.shards import prepare
 
 PROG = "python -m llama.prepare"
@@ -27,12 +28,21 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per .bin file at most")
     parser.add_argument("--exclude", nargs="*", default=[], help="skip folder/file names matching these patterns")
+    parser.add_argument("--add_tokens", nargs="*", default=[],
+                        help="control tokens added to the vocabulary (train with the same --model.add_tokens)")
+    parser.add_argument("--fim_rate", type=float, default=0.0,
+                        help="share of documents cut for fill-in-the-middle (Code Llama: 0.9); needs FIM tokens")
+    parser.add_argument("--fim_spm_rate", type=float, default=0.5, help="share of those laid out suffix first")
+    parser.add_argument("--fim_seed", type=int, default=0, help="seeds each document's cut with its number")
     args = parser.parse_args(argv)
+    fim = FimOptions(args.fim_rate, args.fim_spm_rate, args.fim_seed)
     out = cli.run(PROG, prepare, args.input, args.tokenizer, args.output, args.val_fraction, args.workers,
-                  args.shard_tokens, args.exclude)
+                  args.shard_tokens, args.exclude, args.add_tokens, fim)
     index = json.loads((out / INDEX).read_text())
     print(f"{out}: {index['tokens']:,} tokens in {index['documents']:,} documents "
-          f"(train {index['splits']['train']['tokens']:,}, val {index['splits']['val']['tokens']:,}), {index['dtype']}")
+          f"(train {index['splits']['train']['tokens']:,}, val {index['splits']['val']['tokens']:,}), {index['dtype']}"
+          + (f"; fill-in-the-middle: {index['fim']['psm_documents']:,} PSM, {index['fim']['spm_documents']:,} SPM"
+             if "fim" in index else ""))
 
 
 if __name__ == "__main__":

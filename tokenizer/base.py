@@ -87,6 +87,25 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
+    def encode_infill(self, text: str) -> list[int]:
+        """Ids of ``text`` as the continuation of other text: without the space a sentencepiece-style tokenizer
+        implicitly puts before a text's first word (Code Llama's ``encode_infilling``)."""
+        return self._encode_plain(text)
+
+    def decode_infill(self, ids: list[int]) -> str:
+        """The inverse of ``encode_infill``: a leading space is kept, not taken for the implicit one."""
+        return self.decode(ids)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the one token spelled ``text`` (a control token or a piece of the vocabulary), or None."""
+        return self.special_tokens.get(text)
+
+    @abstractmethod
+    def with_added_tokens(self, names: list[str]) -> Tokenizer:
+        """A copy of this tokenizer whose vocabulary also holds the control tokens ``names``: those it lacks get
+        the next ids in order (from ``vocab_size`` on); text spelling them is encoded as them only with
+        ``allow_special``, like every control token."""
+
     @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """What the vocabulary stores for ``token_id``: its bytes (byte-level BPE) or its piece (sentencepiece)."""

@@ -5,7 +5,7 @@ turned into this backend's byte-level BPE to be saved in the format transformers
 from __future__ import annotations
 
 import json
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import tokenizers
@@ -80,6 +80,28 @@ def bpe_from_ranks(ranks: dict[bytes, int], pattern: str, special_tokens: list[s
     merges = [merge_of(token, rank) for token, rank in by_rank if len(token) > 1]
     # ignore_merges: a piece that is itself a token is taken whole, as tiktoken does.
     return byte_level_bpe(vocab, merges, split_then_bytes(pattern), special_tokens=special_tokens, ignore_merges=True)
+
+
+def drop_implicit_space(component: dict | None) -> bool:
+    """Edit a ``tokenizer.json`` normalizer, pre-tokenizer or decoder in place so that it neither puts "▁" before
+    a text (Llama 2's ``Prepend``, ``Metaspace`` with a prepend scheme) nor strips it when decoding (``Strip``, the
+    same ``Metaspace``); True if there was anything to change."""
+    if not isinstance(component, dict):
+        return False
+    changed = False
+    if component.get("type") == "Metaspace" and (
+        component.get("prepend_scheme", "never") != "never" or component.get("add_prefix_space")
+    ):
+        component["prepend_scheme"] = "never"
+        component.pop("add_prefix_space", None)
+        changed = True
+    for key in ("normalizers", "pretokenizers", "decoders"):
+        if isinstance(component.get(key), list):
+            kept = [part for part in component[key] if part.get("type") not in ("Prepend", "Strip")]
+            changed |= len(kept) != len(component[key])
+            component[key] = kept
+            changed |= any([drop_implicit_space(part) for part in kept])
+    return changed
 
 
 def read_json_object(path: Path) -> dict:
@@ -194,6 +216,48 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    @cached_property
+    def _continuation(self) -> tokenizers.Tokenizer | None:
+        """A twin without the implicit leading "▁" of Llama-2-style files, or None when there is none."""
+        spec = json.loads(self.plain_backend.to_str())
+        for key in ("normalizer", "decoder"):
+            if isinstance(spec.get(key), dict) and spec[key].get("type") in ("Prepend", "Strip"):
+                spec[key] = None
+        changed = [drop_implicit_space(spec.get(key)) for key in ("normalizer", "pre_tokenizer", "decoder")]
+        if spec != json.loads(self.plain_backend.to_str()) or any(changed):
+            twin = tokenizers.Tokenizer.from_str(json.dumps(spec))
+            twin.encode_special_tokens = True
+            return twin
+        return None
+
+    def encode_infill(self, text: str) -> list[int]:
+        if self._continuation is None:
+            return self._encode_plain(text)
+        return self._continuation.encode(text, add_special_tokens=False).ids
+
+    def decode_infill(self, ids: list[int]) -> str:
+        if self._continuation is None:
+            return self.decode(ids)
+        return self._continuation.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, text: str) -> int | None:
+        return self.backend.token_to_id(text)
+
+    def with_added_tokens(self, names: list[str]) -> HFTokenizer:
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        new = [name for name in dict.fromkeys(names) if self.token_id(name) is None]
+        backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in new])
+        return HFTokenizer(
+            backend,
+            self.source,
+            bos_token=self.token_name(self.bos_id),
+            eos_token=self.token_name(self.eos_id),
+            pad_token=self.token_name(self.pad_id),
+            add_bos=self.add_bos,
+            chat_template=self.chat_template,
+            extra_stop_ids=tuple(self.stop_ids),
+        )
 
     def token_bytes(self, token_id: int) -> bytes:
         token = self.id_to_token.get(token_id, "")

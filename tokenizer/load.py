@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tokenizer.base import Tokenizer, TokenizerError
+from tokenizer.base import Tokenizer
 from tokenizer.gguf_vocab import load_gguf_tokenizer
 from tokenizer.hf import HFTokenizer, read_tokenizer_config
 from tokenizer.sp import SentencePieceTokenizer

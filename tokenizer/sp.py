@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from functools import cached_property
+
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from tokenizer.base import Tokenizer, TokenizerError
 
@@ -42,6 +45,41 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(list(ids))
+
+    def _proto(self) -> sentencepiece_model_pb2.ModelProto:
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(self.model_proto)
+        return model
+
+    @cached_property
+    def _continuation(self) -> spm.SentencePieceProcessor:
+        """The same model without the dummy prefix: it neither adds a leading "▁" nor strips one when decoding
+        (the same ids as Code Llama's ``encode("☺" + s)[2:]``)."""
+        model = self._proto()
+        model.normalizer_spec.add_dummy_prefix = False
+        processor = spm.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(model.SerializeToString())
+        return processor
+
+    def encode_infill(self, text: str) -> list[int]:
+        return self._continuation.encode(text)
+
+    def decode_infill(self, ids: list[int]) -> str:
+        return self._continuation.decode(list(ids))
+
+    def token_id(self, text: str) -> int | None:
+        token_id = self.processor.piece_to_id(text)
+        unknown = self.processor.is_unknown(token_id) and text != self.processor.id_to_piece(token_id)
+        return None if unknown else token_id
+
+    def with_added_tokens(self, names: list[str]) -> SentencePieceTokenizer:
+        model = self._proto()
+        for name in dict.fromkeys(names):
+            if self.token_id(name) is None:
+                model.pieces.add(piece=name, score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL)
+        return SentencePieceTokenizer(
+            model.SerializeToString(), self.source, add_bos=self.add_bos, chat_template=self.chat_template
+        )
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.processor.id_to_piece(token_id).encode()

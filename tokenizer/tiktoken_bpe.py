@@ -89,6 +89,13 @@ class TiktokenTokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token_id)
 
+    def token_id(self, text: str) -> int | None:
+        return self.special_tokens.get(text, self.ranks.get(text.encode()))
+
+    def with_added_tokens(self, names: list[str]) -> HFTokenizer:
+        """The added tokens live in the ``tokenizers`` twin (what ``save_pretrained`` writes anyway)."""
+        return self.to_hf().with_added_tokens(names)
+
     def to_hf(self) -> HFTokenizer:
         """The same vocabulary as a byte-level BPE of the ``tokenizers`` library (what transformers loads)."""
         backend = bpe_from_ranks(self.ranks, LLAMA3_PATTERN, special_tokens=LLAMA3_SPECIAL_TOKENS)

@@ -74,11 +74,37 @@ def gguf_args(reader, file: Path) -> ModelArgs:
     if "rope_freqs.weight" in tensors:  # Llama 3.1
         freqs = tensors["rope_freqs.weight"]
         rope_freqs = _dequantize(freqs.data, freqs.tensor_type)
-        args = _rope_scaling(args, rope_freqs, value("rope.scaling.original_context_length"), file)
-    return args
+        return _llama3_scaling(args, rope_freqs, value("rope.scaling.original_context_length"), file)
+    return replace(args, rope_scaling=_scaling_keys(value, args.max_seq_len, file))
 
 
-def _rope_scaling(args: ModelArgs, rope_freqs: torch.Tensor, original_len: int | None, file: Path) -> ModelArgs:
+def _scaling_keys(value, context: int, file: Path) -> dict | None:
+    """llama.cpp's ``rope.scaling.*`` keys as transformers' rope scaling: ``linear`` (positions divided by the
+    factor) or ``yarn`` (with llama.cpp's defaults, which are transformers': beta 32 and 1, mscale
+    0.1 ln(factor) + 1)."""
+    kind = value("rope.scaling.type", "none")
+    factor = value("rope.scaling.factor")
+    if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind not in ("linear", "yarn") or factor is None:
+        raise CheckpointError(
+            f"{file}: rope scaling {kind!r} with factor {factor} is not supported (supported: none, linear and "
+            "yarn, with llama.rope.scaling.factor)"
+        )
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    for key in ("attn_factor", "yarn_attn_factor", "yarn_ext_factor", "yarn_log_multiplier"):
+        if value(f"rope.scaling.{key}") not in (None, 1.0):
+            raise CheckpointError(f"{file}: yarn with llama.rope.scaling.{key} is not supported")
+    scaling = {"rope_type": "yarn", "factor": factor,
+               "original_max_position_embeddings": value("rope.scaling.original_context_length", context)}
+    for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+        if value(f"rope.scaling.{theirs}") is not None:
+            scaling[ours] = value(f"rope.scaling.{theirs}")
+    return scaling
+
+
+def _llama3_scaling(args: ModelArgs, rope_freqs: torch.Tensor, original_len: int | None, file: Path) -> ModelArgs:
     """llama.cpp stores Llama 3.1 scaling as per-frequency divisors; recover the llama3 parameters they came from
     (the largest divisor is the factor, the band edges are Meta's) and check they reproduce every divisor."""
     scaling = {**META_ROPE_SCALING, "factor": float(rope_freqs.max())}

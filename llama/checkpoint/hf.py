@@ -12,8 +12,7 @@ import torch
 from llama.checkpoint.base import (
     CheckpointError, CheckpointNotFoundError, check_readable, checkpoint_folder, cpu_state_dict, make_args, read_json,
 )
-from llama.checkpoint.meta import META_ROPE_SCALING
-from llama.model import ModelArgs, Transformer
+from llama.model import ROPE_SCALING_KEYS, ModelArgs, Transformer
 
 HF_NAMES = {  # HF parameter name -> ours; {} is the layer index
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -50,23 +49,38 @@ def rename(name: str, table: dict[str, str]) -> str | None:
     return target.format(layer[1]) if target and layer else target
 
 
-def _rope(config: dict, file: Path) -> tuple[float, dict | None]:
-    """(rope_theta, llama3 scaling or None) from transformers 5 ``rope_parameters`` or 4's ``rope_theta``/``rope_scaling``."""
+def _rope(config: dict, file: Path) -> tuple[float, dict | None, int]:
+    """(rope_theta, rope scaling or None, context length) from transformers 5 ``rope_parameters`` or 4's
+    ``rope_theta`` / ``rope_scaling`` (legacy key ``type``), with transformers' defaults for what is left out."""
     params = config.get("rope_parameters") or {}
     legacy = config.get("rope_scaling") or {}
     if not (isinstance(params, dict) and isinstance(legacy, dict)):
         raise CheckpointError(f"{file}: rope_parameters and rope_scaling must be JSON objects or null")
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    params = dict(params)
+    theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
+    context = config.get("max_position_embeddings", ModelArgs.max_seq_len)
+    scaling = {key: value for key, value in {**legacy, **params}.items() if key not in ("type", "rope_type")}
     rope_type = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
     if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
-        raise CheckpointError(f"{file}: unsupported rope_type {rope_type!r} (supported: default, llama3)")
-    factors = {**legacy, **params}
-    missing = [key for key in META_ROPE_SCALING if key not in factors]
+        return theta, None, context
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise CheckpointError(
+            f"{file}: unsupported rope_type {rope_type!r} (supported: default, {', '.join(ROPE_SCALING_KEYS)})"
+        )
+    if rope_type == "dynamic":
+        # transformers scales past max_position_embeddings, up to what the factor allows: that is our context
+        scaling["original_max_position_embeddings"] = context
+        context = int(context * scaling.get("factor", 1.0))
+    elif rope_type in ("llama3", "yarn"):
+        scaling.setdefault("original_max_position_embeddings", context)
+    if rope_type == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = context / scaling["original_max_position_embeddings"]
+    required, optional = ROPE_SCALING_KEYS[rope_type]
+    missing = sorted(required - scaling.keys())
     if missing:
-        raise CheckpointError(f"{file}: llama3 rope scaling without {missing}")
-    return theta, {key: factors[key] for key in META_ROPE_SCALING}
+        raise CheckpointError(f"{file}: {rope_type} rope scaling without {missing}")
+    kept = {key: scaling[key] for key in sorted(required | optional) if scaling.get(key) is not None}
+    return theta, {"rope_type": rope_type, **kept}, context
 
 
 def read_hf_config(path: Path) -> tuple[ModelArgs, torch.dtype | None]:
@@ -89,7 +103,7 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, torch.dtype | None]:
         if value is not None and not (isinstance(value, kind) and not isinstance(value, bool) and value > 0):
             expected = "an integer" if kind is int else "a number"
             raise CheckpointError(f"{file}: {key} must be {expected} > 0, got {value!r}")
-    theta, scaling = _rope(config, file)
+    theta, scaling, context = _rope(config, file)
     declared = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
     try:
         args = make_args(
@@ -103,7 +117,7 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, torch.dtype | None]:
             norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_seq_len=config.get("max_position_embeddings", ModelArgs.max_seq_len),
+            max_seq_len=context,
             tie_embeddings=config.get("tie_word_embeddings", False),
             head_dim=config.get("head_dim"),
         )
@@ -161,7 +175,10 @@ def _parse_size(size: int | str) -> int:
 def hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer=None) -> dict:
     """config.json that transformers 4.45+ (``rope_theta``, ``rope_scaling``, ``torch_dtype``) and 5
     (``rope_parameters``, ``dtype``) both read the same way."""
-    scaling = {"rope_type": "llama3", **args.rope_scaling} if args.rope_scaling else None
+    scaling, context = args.rope_scaling, args.max_seq_len
+    if scaling and scaling["rope_type"] == "dynamic":  # transformers' dynamic type scales past this length
+        context = scaling["original_max_position_embeddings"]
+        scaling = {key: value for key, value in scaling.items() if key != "original_max_position_embeddings"}
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -174,7 +191,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer=None) -> dict:
         "head_dim": args.head_dim,
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len,
+        "max_position_embeddings": context,
         "rope_theta": args.rope_theta,
         "rope_scaling": scaling,
         "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": args.rope_theta},

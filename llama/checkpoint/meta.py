@@ -14,6 +14,7 @@ from llama.model import ModelArgs, Transformer, ffn_hidden_dim
 
 # Meta's constants for Llama 3.1 RoPE scaling (``use_scaled_rope: true``); 3.2 varies only the factor.
 META_ROPE_SCALING = {
+    "rope_type": "llama3",
     "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
 }
 # Model-parallel split dimension per weight kind (Meta's Column/RowParallelLinear); absent = replicated.
@@ -104,7 +105,7 @@ def meta_params(args: ModelArgs) -> dict:
     if args.head_dim != args.dim // args.n_heads:
         params["head_dim"] = args.head_dim
     if args.rope_scaling:
-        if any(args.rope_scaling[k] != v for k, v in META_ROPE_SCALING.items() if k != "factor"):
+        if any(args.rope_scaling.get(k) != v for k, v in META_ROPE_SCALING.items() if k != "factor"):
             raise CheckpointError(f"rope scaling {args.rope_scaling} cannot be expressed in Meta's params.json")
         params["use_scaled_rope"] = True
         if args.rope_scaling["factor"] != META_ROPE_SCALING["factor"]:

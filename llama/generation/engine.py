@@ -36,6 +36,7 @@ class Request:
     logprobs: list[float] = field(default_factory=list)  # of ``tokens``, under the unscaled model distribution
     prompt_logprobs: list[float] = field(default_factory=list)  # with ``echo_logprobs``
     finish_reason: str | None = None  # "stop" (a stop id or string), "length" or "cancelled"
+    stop_token: int | None = None  # the stop id that ended the request (say <|eot_id|> or <|eom_id|>), if one did
     reused_tokens: int = 0  # prompt tokens whose keys and values came from a slot's earlier content
 
     @property
@@ -275,7 +276,8 @@ class Engine:
         request = slot.request
         if slot.max_new_tokens == 0:
             return self._finish(slot, "length")
-        if token in self.stop_ids:
+        if token in self.stop_ids or token in request.sampling.stop_ids:
+            request.stop_token = token
             return self._finish(slot, "stop")
         request.tokens.append(token)
         if request.sampling.logprobs:

@@ -19,6 +19,8 @@ from llama.model import Transformer
 from llama.transforms.quantize import quantize_weights
 from llama.transforms.tensor_parallel import apply_tensor_parallel, init_tensor_parallel_mesh, local_rank, world_size
 from tokenizer import Dialog, check_fits, encode_dialog
+from tokenizer.fim import fim_tokens, infilling_prompt
+from tokenizer.tools import parse_tool_calls
 
 
 class Llama:
@@ -92,6 +94,7 @@ class Llama:
         top_k: int = 0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        stop_ids: tuple[int, ...] = (),
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Generate continuations of token prompts; returns (token lists, logprob lists or None).
 
@@ -101,8 +104,10 @@ class Llama:
         distribution. With ``echo`` the prompt comes first, and its logprobs too; the first prompt token has no
         context, so its logprob is reported as 0.0 (as Meta's reference does). ``top_k`` 0 means no limit;
         ``seed`` gives this call's rows their own random streams, otherwise they are drawn from the stream seeded
-        in ``build``."""
-        requests = self._requests(prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs, echo)
+        in ``build``; ``stop_ids`` end the rows besides the tokenizer's stop ids."""
+        requests = self._requests(
+            prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs, echo, stop_ids
+        )
         self.complete(requests)
         out_tokens = [(r.prompt if echo else []) + r.tokens for r in requests]
         if not logprobs:
@@ -174,6 +179,43 @@ class Llama:
         prompt_tokens = self._encode_prompts(prompts)
         return self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, **options)
 
+    # ----------------------------------------------------------------------------------------------- infilling
+
+    def text_infilling(
+        self,
+        prefixes: list[str],
+        suffixes: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+        **options,
+    ) -> list[dict]:
+        """Fill in the middle between each prefix and suffix, as Code Llama's ``text_infilling``:
+        ``[{"generation": middle, "full_text": prefix + middle + suffix}]``, plus ``"tokens"`` and ``"logprobs"``
+        when asked. The prompt is Code Llama's layout (``tokenizer.fim``), prefix-suffix-middle or, with
+        ``suffix_first``, suffix-prefix-middle; the middle ends at the vocabulary's end-of-infill token (``EOT``)
+        or EOS. ``options``: top_k, stop, seed (see ``generate``). A tokenizer without FIM tokens is refused."""
+        if isinstance(prefixes, str) or isinstance(suffixes, str) or len(prefixes) != len(suffixes):
+            raise ValueError("prefixes and suffixes must be lists of strings of the same length")
+        if not all(isinstance(text, str) for text in [*prefixes, *suffixes]):
+            raise ValueError("prefixes and suffixes must be strings")
+        end = fim_tokens(self.tokenizer).end  # refuses a vocabulary without FIM tokens
+        prompt_tokens = [infilling_prompt(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        stop_ids = () if end is None else (end,)
+        tokens, token_logprobs = self.generate(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_ids=stop_ids, **options
+        )
+        results = []
+        for i, (prefix, suffix, row_tokens) in enumerate(zip(prefixes, suffixes, tokens)):
+            middle = cut_at_stop(self.tokenizer.decode_infill(row_tokens), stop_strings(options.get("stop")))
+            result = {"generation": middle, "full_text": prefix + middle + suffix}
+            if logprobs:
+                result.update(tokens=[self.tokenizer.decode([t]) for t in row_tokens], logprobs=token_logprobs[i])
+            results.append(result)
+        return results
+
     # ----------------------------------------------------------------------------------------------- chat
 
     def chat_completion(
@@ -183,23 +225,47 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         logprobs: bool = False,
+        *,
+        tools: list[dict] | None = None,
+        builtin_tools: list[str] | None = None,
         **options,
     ) -> list[dict]:
-        """Answer dialogs: ``[{"generation": {"role": "assistant", "content": str}}]``, plus ``"tokens"`` and
-        ``"logprobs"`` when asked. Dialogs are formatted by the checkpoint's own chat format."""
-        prompt_tokens = self._encode_dialogs(dialogs)
-        outputs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **options)
-        return [
-            {"generation": {"role": "assistant", "content": text}, **extra}
-            for text, extra in self._texts(prompt_tokens, *outputs, False, options.get("stop"))
-        ]
+        """Answer dialogs: ``[{"generation": {"role": "assistant", "content": str, "stop_reason": ...}}]``, plus
+        ``"tokens"`` and ``"logprobs"`` when asked. Dialogs are formatted by the checkpoint's own chat format.
+        ``stop_reason`` is Meta's llama-models': "end_of_turn", "end_of_message" (``<|eom_id|>``: the model waits
+        for a tool's result) or "out_of_tokens". With ``tools`` (JSON schemas) or ``builtin_tools`` the prompt
+        offers them (``encode_dialog``) and an answer that calls one comes back as ``"tool_calls"`` in
+        transformers' structure with content "" (``tokenizer.tools.parse_tool_calls``). ``options``: top_k, stop,
+        seed (see ``generate``)."""
+        prompt_tokens = self._encode_dialogs(dialogs, tools, builtin_tools)
+        requests = self._requests(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs=logprobs,
+            **{"top_k": 0, "stop": None, "seed": None, **options},
+        )
+        self.complete(requests)
+        outputs = [r.tokens for r in requests], [r.logprobs for r in requests] if logprobs else None
+        end_of_message = self.tokenizer.token_id("<|eom_id|>")
+        results = []
+        for request, (text, extra) in zip(requests, self._texts(prompt_tokens, *outputs, False, options.get("stop"))):
+            generation = {"role": "assistant", "content": text}
+            if tools or builtin_tools:
+                content, calls = parse_tool_calls(text)
+                generation = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            generation["stop_reason"] = (
+                "out_of_tokens" if request.finish_reason == "length"
+                else "end_of_message" if request.stop_token is not None and request.stop_token == end_of_message
+                else "end_of_turn"
+            )
+            results.append({"generation": generation, **extra})
+        return results
 
     def stream_chat_completion(
         self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None,
-        **options,
+        *, tools: list[dict] | None = None, builtin_tools: list[str] | None = None, **options,
     ) -> Iterator[list[str]]:
-        """Answer increments per dialog, step by step (see ``generate_stream``)."""
-        prompt_tokens = self._encode_dialogs(dialogs)
+        """Answer increments per dialog, step by step (see ``generate_stream``); ``tools`` and ``builtin_tools``
+        are offered in the prompt as ``chat_completion`` offers them, and a call streams as the text it is."""
+        prompt_tokens = self._encode_dialogs(dialogs, tools, builtin_tools)
         return self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, **options)
 
     # ----------------------------------------------------------------------------------------------- internals
@@ -222,13 +288,14 @@ class Llama:
             raise ValueError("no prompts given")
         return [self.tokenizer.encode(p, bos=self.tokenizer.add_bos) for p in prompts]
 
-    def _encode_dialogs(self, dialogs: list[Dialog]) -> list[list[int]]:
+    def _encode_dialogs(self, dialogs: list[Dialog], tools=None, builtin_tools=None) -> list[list[int]]:
         if not dialogs:
             raise ValueError("no dialogs given")
-        return [encode_dialog(self.tokenizer, dialog) for dialog in dialogs]
+        return [encode_dialog(self.tokenizer, dialog, tools=tools, builtin_tools=builtin_tools) for dialog in dialogs]
 
     def _requests(
-        self, prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs=False, echo=False
+        self, prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, seed, logprobs=False, echo=False,
+        stop_ids=(),
     ) -> list[Request]:
         """One request per prompt, all checked before any work. With ``seed``, row i's stream is the i-th of the
         streams ``seed`` draws."""
@@ -239,7 +306,7 @@ class Llama:
             seeds = torch.randint(2**62, (len(prompt_tokens),), generator=torch.Generator().manual_seed(seed)).tolist()
         requests = []
         for i, (prompt, row_seed) in enumerate(zip(prompt_tokens, seeds)):
-            sampling = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, row_seed, logprobs)
+            sampling = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, row_seed, logprobs, stop_ids)
             request = Request(list(prompt), sampling, echo_logprobs=echo and logprobs)
             self.engine.check(request, name=f"prompt {i}")
             requests.append(request)

@@ -22,9 +22,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # strings that end the completion; the text is cut before the first one
     seed: int | None = None  # this request's own random stream (None: drawn from the engine's)
     logprobs: bool = False  # report each generated token's logprob
+    stop_ids: tuple[int, ...] = ()  # token ids that end the completion, besides the tokenizer's stop ids
 
     def __post_init__(self):
         self.stop = stop_strings(self.stop)
+        self.stop_ids = tuple(self.stop_ids)
         self.check()
 
     def check(self) -> None:
@@ -39,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"max_gen_len must be an integer >= 0, got {self.max_tokens}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {list(self.stop)}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_ids):
+            raise ValueError(f"stop_ids must be token ids (integers >= 0), got {list(self.stop_ids)}")
 
 
 @dataclass

@@ -42,6 +42,7 @@ ModelConfig = dataclasses.make_dataclass(
     [
         # the fields of ModelArgs before it derives anything: n_kv_heads, head_dim, hidden_dim stay None until then
         ("init_from", str | None, None),
+        ("add_tokens", list[str], field(default_factory=list)),
         *[(f.name, typing.get_type_hints(ModelArgs)[f.name], f.default) for f in dataclasses.fields(ModelArgs)],
     ],
     namespace={
@@ -53,7 +54,11 @@ ModelConfig = dataclasses.make_dataclass(
 )
 MODEL_HELP = {
     "init_from": "a checkpoint to continue training from: anything llama.checkpoint.load_model reads (Meta folder, "
-                 "HF folder, .gguf file); the architecture keys below are then ignored",
+                 "HF folder, .gguf file); the architecture keys below are then ignored, except rope_theta, "
+                 "rope_scaling and max_seq_len, which replace the checkpoint's when set",
+    "add_tokens": "control tokens added to init_from's vocabulary, as llama.prepare --add_tokens added them to the "
+                  "shards' (a list; on the command line JSON or comma-separated); their new rows start as the mean "
+                  "of the old ones",
     "vocab_size": "0 or -1: the shards' tokenizer vocabulary",
 }
 
@@ -191,6 +196,15 @@ def _convert(value, hint, where: str):
             return value
         if isinstance(value, str) and value.lower() in BOOL_WORDS:
             return BOOL_WORDS[value.lower()]
+    elif typing.get_origin(hint) is list:
+        if isinstance(value, str):  # command-line JSON, or names separated by commas
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = [name for name in value.split(",") if name]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
     elif hint is dict:
         if isinstance(value, str):  # command-line JSON
             try:

@@ -29,6 +29,7 @@ from llama.files import FolderInUseError, folder_lock
 from llama.model import ModelArgs, Transformer
 from llama.training import resume
 from llama.training.config import Config, ConfigError, DataConfig, TrainingConfig
+from llama.training.continued import added_token_ids, continue_from, continued_args
 from llama.training.data import GlobalOrder, ShardError, ShardIndex, TokenWindows, rank_slice, read_index
 from llama.training.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
 from llama.training.optim import build_optimizer, build_scheduler
@@ -58,17 +59,22 @@ def resolve_model_args(cfg: Config, index: ShardIndex) -> ModelArgs:
     """The architecture to train, after checking that the shards' tokenizer belongs to it."""
     init_from = cfg.model.init_from
     if init_from:
-        args = load_args(init_from)
         try:
             model_tokenizer = load_tokenizer(init_from)
         except TokenizerNotFoundError:
             model_tokenizer = None  # a checkpoint without tokenizer files: only the vocabulary size can be checked
+        if cfg.model.add_tokens:
+            if model_tokenizer is None:
+                raise ConfigError(f"model.add_tokens needs the tokenizer of {init_from}, and it has none")
+            model_tokenizer = model_tokenizer.with_added_tokens(cfg.model.add_tokens)
         if model_tokenizer is not None and model_tokenizer.fingerprint != index.fingerprint:
             raise ShardError(
                 f"shards {index.root} were tokenized with a different tokenizer than {init_from} "
                 f"(fingerprint {index.fingerprint[:12]} vs {model_tokenizer.fingerprint[:12]}); "
-                f"re-run llama.prepare with --tokenizer {init_from}"
+                f"re-run llama.prepare with --tokenizer {init_from}, and the same --add_tokens as "
+                f"--model.add_tokens (now {cfg.model.add_tokens})"
             )
+        args = continued_args(cfg.model, load_args(init_from), index)
     else:
         args = cfg.model.model_args(index.vocab_size)
     if index.vocab_size > args.vocab_size:
@@ -123,10 +129,12 @@ def open_splits(index: ShardIndex, data: DataConfig, training: TrainingConfig):
 # The run
 
 
-def build_model(cfg: Config, args: ModelArgs) -> Transformer:
-    """The model to train, in fp32: the checkpoint's weights, or a seeded from-scratch init."""
+def build_model(cfg: Config, args: ModelArgs, index: ShardIndex) -> Transformer:
+    """The model to train, in fp32: the checkpoint's weights (with the run's changes, ``llama.training.continued``),
+    or a seeded from-scratch init."""
     if cfg.model.init_from:
-        return load_model(cfg.model.init_from, dtype=torch.float32).train()
+        model = load_model(cfg.model.init_from, dtype=torch.float32)
+        return continue_from(model, args, added_token_ids(index)).train()
     model = Transformer(args)
     model.init_weights(seed=cfg.training.seed)
     return model
@@ -164,7 +172,7 @@ def train(cfg: Config):
             if checkpoints:
                 resume.check_run(checkpoints[-1], run, cfg.checkpoint.allow_changed)
             torch.manual_seed(cfg.training.seed)
-            model = build_model(cfg, args)
+            model = build_model(cfg, args, index)
             n_params = sum(p.numel() for p in model.parameters())
             model = parallelize(model, mesh, cfg.training, device)
             optimizer = build_optimizer(model, cfg.optimizer)

@@ -92,3 +92,17 @@ def test_generate_benchmark_refuses_unknown_models():
 
     with pytest.raises(ValueError, match="llama3.2-1b-shape"):
         generate.main(models="llama-9000")
+
+
+def test_long_context_benchmark_runs_every_variant_on_the_same_weights(tmp_path):
+    options = ["--variants", "ours,hf_eager", "--lengths", "128,256", "--eager_max", "128"]
+    result = run_benchmark("bench.long_context", tmp_path, *options)
+    assert result["benchmark"] == "long_context"
+    rows = result["rows"]
+    assert [(r["variant"], r["tokens"]) for r in rows] == [
+        (v, n) for n in (128, 256) for v in ("ours", "hf_eager")
+    ]
+    assert rows[-1]["peak_mib"] is None and rows[-1]["skipped"] == "> --eager_max 128"
+    for n in (128, 256):  # the same weights and tokens: every variant computes the same loss
+        losses = [r["loss"] for r in rows if r["tokens"] == n and r["peak_mib"] is not None]
+        assert max(losses) - min(losses) < 1e-4 and all(r["peak_mib"] > 0 for r in rows[:-1])

@@ -40,7 +40,20 @@ CONFIGS = {
     "llama3_rope": dict(rope_parameters=LLAMA3_ROPE, head_dim=128),
     "rope_theta": dict(rope_parameters=dict(rope_type="default", rope_theta=1234.0)),
     "head_dim": dict(head_dim=32),  # 4 heads x 32 = 128 != hidden_size 64
+    # the other rope scaling types Llama-family checkpoints ship (the 64-token prompts exceed the original 32)
+    "linear_rope": dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    "dynamic_rope": dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0),
+                         max_position_embeddings=32),
+    "yarn_rope": dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                           original_max_position_embeddings=32)),
+    "yarn_rope_mscale": dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=50000.0, factor=8.0, original_max_position_embeddings=16, beta_fast=16.0,
+        beta_slow=2.0, mscale=0.9, mscale_all_dim=0.5, truncate=False)),
+    "yarn_rope_attention_factor": dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=64,
+        attention_factor=1.3)),
 }
+ROPE_SCALING_CASES = [name for name in CONFIGS if name.endswith("_rope") or "_rope_" in name]
 TOL = 1e-4
 
 
@@ -83,6 +96,36 @@ def test_hf_folder_gives_transformers_logits(tmp_path, name):
     ours = load_model(save_hf_model(hf, tmp_path / "hf"))
     assert ours.args.tie_embeddings == hf.config.tie_word_embeddings
     assert max_diff(ours, hf) <= TOL
+    assert max_diff(ours, hf, TOKENS[:, :20]) <= TOL  # shorter than the original context too (dynamic: unscaled)
+
+
+@pytest.mark.parametrize("name", [n for n in ROPE_SCALING_CASES if n != "llama3_rope"])
+def test_rope_scaling_changes_the_logits(tmp_path, name):
+    """The comparisons above are meaningful: the same weights without the scaling are far from transformers'."""
+    hf = make_hf(**CONFIGS[name])
+    ours = load_model(save_hf_model(hf, tmp_path / "hf"))
+    unscaled = load_model(tmp_path / "hf", max_seq_len=128)
+    unscaled.args = replace(unscaled.args, rope_scaling=None)
+    unscaled.init_rope()
+    assert max_diff(unscaled, hf) > 100 * TOL and max_diff(ours, hf) <= TOL
+
+
+def test_dynamic_rope_context_and_cached_decoding(tmp_path):
+    """A dynamic checkpoint's context is the original one times the factor; decoding one token at a time with the
+    cache uses each step's length, as transformers' generate does."""
+    hf = make_hf(**CONFIGS["dynamic_rope"])
+    ours = load_model(save_hf_model(hf, tmp_path / "hf"))
+    assert ours.args.max_seq_len == 128 and ours.args.rope_scaling["original_max_position_embeddings"] == 32
+    prompt = TOKENS[:1, :40]
+    expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt))
+    ours.setup_caches(1, 64)
+    with torch.no_grad():
+        tokens = prompt
+        next_token = ours(prompt, torch.arange(40))[:, -1].argmax(-1, keepdim=True)
+        for step in range(8):
+            tokens = torch.cat([tokens, next_token], dim=1)
+            next_token = ours(next_token, torch.tensor([40 + step]))[:, -1].argmax(-1, keepdim=True)
+    assert tokens.tolist() == expected.tolist()
 
 
 def test_llama3_rope_frequencies_equal_transformers_in_the_smoothing_band(tmp_path):
@@ -139,8 +182,9 @@ def test_args_from_config(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "unsupported rope_type 'yarn'"),
-        (dict(rope_scaling=dict(type="dynamic", factor=2.0), rope_parameters=None), "unsupported rope_type 'dynamic'"),
+        (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, factor=4.0)),
+         "unsupported rope_type 'longrope'"),
+        (dict(rope_scaling=dict(type="linear"), rope_parameters=None), r"linear rope scaling without \['factor'\]"),
         (dict(architectures=["MistralForCausalLM"], model_type="mistral"), "unsupported architecture"),
     ],
 )
@@ -280,6 +324,11 @@ def write_gguf(hf: LlamaForCausalLM, file, arch="llama"):
         writer.add_tensor("rope_freqs.weight", llama3_rope_divisors(
             c.head_dim, r["rope_theta"], r["factor"], r["low_freq_factor"], r["high_freq_factor"],
             r["original_max_position_embeddings"]))
+    if c.rope_parameters["rope_type"] in ("linear", "yarn"):  # llama.cpp's converter writes these keys
+        writer.add_rope_scaling_type(gguf.RopeScalingType(c.rope_parameters["rope_type"]))
+        writer.add_rope_scaling_factor(c.rope_parameters["factor"])
+    if c.rope_parameters["rope_type"] == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
     names = dict(attn_norm="input_layernorm", ffn_norm="post_attention_layernorm", attn_v="self_attn.v_proj",
                  attn_output="self_attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj",
                  ffn_down="mlp.down_proj")
@@ -298,15 +347,21 @@ def write_gguf(hf: LlamaForCausalLM, file, arch="llama"):
     return file
 
 
-@pytest.mark.parametrize("config", [CONFIGS["gqa"], CONFIGS["tied"], LLAMA31], ids=["gqa", "tied", "llama3_rope"])
-def test_gguf_file_gives_transformers_logits(tmp_path, config):
-    hf = make_hf(**config)
+GGUF_CASES = {"gqa": CONFIGS["gqa"], "tied": CONFIGS["tied"], "llama3_rope": LLAMA31,
+              "linear_rope": CONFIGS["linear_rope"], "yarn_rope": CONFIGS["yarn_rope"]}
+
+
+@pytest.mark.parametrize("name", GGUF_CASES)
+def test_gguf_file_gives_transformers_logits(tmp_path, name):
+    hf = make_hf(**GGUF_CASES[name])
     ours = load_model(write_gguf(hf, tmp_path / "model.gguf"), max_seq_len=128)
     assert ours.args.tie_embeddings == hf.config.tie_word_embeddings
-    if config is LLAMA31:  # recovered from rope_freqs
-        assert ours.args.rope_scaling["factor"] == 8.0
+    scaling = ours.args.rope_scaling
+    if name.endswith("_rope"):  # llama3 recovered from rope_freqs, the others read from llama.rope.scaling.*
+        assert scaling["rope_type"] == name.removesuffix("_rope")
+        assert scaling["factor"] == hf.config.rope_parameters["factor"]
     else:
-        assert ours.args.rope_scaling is None
+        assert scaling is None
     assert max_diff(ours, hf) <= TOL
 
 
@@ -350,7 +405,7 @@ def test_smollm2_gguf_to_hf_loads_in_transformers(tmp_path, smollm2, smollm2_ggu
 # ------------------------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("name", ["gqa", "tied", "llama3_rope", "head_dim"])
+@pytest.mark.parametrize("name", ["gqa", "tied", "head_dim", *ROPE_SCALING_CASES])
 def test_hf_to_ours_to_hf_is_identical_and_loads_in_transformers(tmp_path, name):
     hf = make_hf(**CONFIGS[name])
     folder = save_hf(load_model(save_hf_model(hf, tmp_path / "hf")), tmp_path / "again")

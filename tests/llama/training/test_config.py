@@ -47,7 +47,7 @@ def test_missing_config_file():
         load_config(["--config", "nope.toml"])
 
 
-@pytest.mark.parametrize("name", ["tiny.toml", "smollm2_code.toml"])
+@pytest.mark.parametrize("name", ["tiny.toml", "smollm2_code.toml", "smollm2_code_fim.toml"])
 def test_example_configs_load(name):
     cfg = load_config(["--config", str(EXAMPLES / name)])
     assert cfg.data.path and cfg.checkpoint.dir
