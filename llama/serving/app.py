@@ -267,12 +267,12 @@ class Server:
         requests = []
         for i, prompt in enumerate(prompts):
             name = "the prompt" if len(prompts) == 1 else f"prompt {i}"
-            wanted = len(prompt) + (max_tokens if max_tokens is not None else 1)
-            if prompt and wanted > self.max_seq_len:
-                raise bad_request(
-                    f"{name} has {len(prompt)} tokens and {max_tokens or 1} more are asked for: over the context "
-                    f"of {self.max_seq_len} tokens", param="max_tokens" if max_tokens else "prompt",
-                )
+            if len(prompt) >= self.max_seq_len:
+                raise bad_request(f"{name} has {len(prompt)} tokens: no room left in the context of "
+                                  f"{self.max_seq_len} tokens", param="prompt")
+            if max_tokens is not None and len(prompt) + max_tokens > self.max_seq_len:
+                raise bad_request(f"{name} has {len(prompt)} tokens and max_tokens is {max_tokens}: over the context "
+                                  f"of {self.max_seq_len} tokens", param="max_tokens")
             for j in range(n):
                 params = SamplingParams(**{**vars(sampling), "seed": seeds[i * n + j]})
                 request = Request(list(prompt), params, echo_logprobs=echo_logprobs)
