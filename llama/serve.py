@@ -12,6 +12,7 @@ and every rank steps the engine.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import torch.distributed as dist
@@ -53,12 +54,15 @@ def serve(args) -> None:
                       compile=args.compile, quantize=args.quantize, prefill_chunk=args.prefill_chunk)
     name = args.served_model_name or Path(args.ckpt).stem
     if dist.is_initialized() and dist.get_rank() > 0:  # a tensor-parallel follower: steps the engine, no HTTP
+        # torchrun signals every rank at shutdown: a follower leaves when rank 0's server tells it to
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         warmup = [llm.tokenizer.bos_id if llm.tokenizer.bos_id is not None else 0]
         Scheduler(llm.engine, args.max_queue, warmup_prompt=warmup).follow()
-        return
-    app = create_app(llm, name, api_key, args.max_queue, args.max_body_bytes, args.ready_timeout)
-    logging.getLogger("llama.serving").setLevel(logging.INFO)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    else:
+        app = create_app(llm, name, api_key, args.max_queue, args.max_body_bytes, args.ready_timeout)
+        logging.getLogger("llama.serving").setLevel(logging.INFO)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,9 +75,12 @@ class Scheduler:
         self.thread.start()
 
     def stop(self) -> None:
+        """Finish the engine thread (and, under tensor parallelism, every rank's loop and the process group)."""
         self._command(("stop",))
         if self.thread is not None:
             self.thread.join()
+        if self.distributed:
+            _leave_process_group()
 
     @property
     def alive(self) -> bool:
@@ -143,7 +146,7 @@ class Scheduler:
             dist.broadcast_object_list(box, src=0)
             for command in box[0]:
                 if command[0] == "stop":
-                    return
+                    return _leave_process_group()
                 if command[0] == "submit":
                     _, id, request = command
                     requests[id] = request
@@ -222,3 +225,8 @@ class Scheduler:
             slots = self.engine.slots
             self.metrics.queue_depth.set(len(self.engine.waiting))
             self.metrics.active_slots.set(sum(slot.request is not None for slot in slots))
+
+
+def _leave_process_group() -> None:
+    dist.barrier()  # every rank has left its loop (a barrier first avoids an abort at exit)
+    dist.destroy_process_group()

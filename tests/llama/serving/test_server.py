@@ -504,3 +504,75 @@ def test_a_second_chat_turn_reuses_the_history_and_gives_the_same_tokens(client,
     assert second.choices[0].message.content == TOK.decode(expected.tokens)
     torch.testing.assert_close(torch.tensor([t.logprob for t in second.choices[0].logprobs.content]),
                                torch.tensor(expected.logprobs), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ tensor parallel
+
+
+@pytest.fixture(scope="module")
+def tiny_smollm2_tokenizer_checkpoint(tmp_path_factory, smollm2_gguf_path):
+    """A random 2-layer model (8 query / 2 KV heads) with SmolLM2's real tokenizer and chat template, as an HF
+    folder that ``python -m llama.serve`` loads."""
+    from llama.checkpoint import save_hf
+    from llama.model import ModelArgs, Transformer
+    from tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf_path)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                                  hidden_dim=128, max_seq_len=128))
+    model.init_weights(std=0.2, seed=0)  # a large std makes the greedy path depend on every weight
+    folder = tmp_path_factory.mktemp("tp") / "ckpt"
+    save_hf(model, folder, tokenizer=tokenizer)
+    return folder
+
+
+@contextmanager
+def serve_command(ckpt, nproc: int):
+    """``python -m llama.serve`` in its own process (under torchrun with ``nproc`` > 1); yields its base URL."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    command = [*launcher, "-m", "llama.serve", str(ckpt), "--port", str(port), "--max-batch-size", "2",
+               "--max-seq-len", "128", "--served-model-name", "tiny", "--log-level", "warning"]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_two_tensor_parallel_processes_serve_the_tokens_of_one(tiny_smollm2_tokenizer_checkpoint):
+    prompts = ["def fibonacci(n):", "The capital of France is Paris, and the capital of Italy is"]
+
+    def answers(url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(2) as pool:  # both at once: the batch runs split over the ranks
+            completions = list(pool.map(lambda p: client.completions.create(
+                model="tiny", prompt=p, max_tokens=16, temperature=0).choices[0].text, prompts))
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[1]}],
+                                              max_tokens=16, temperature=0)
+        return completions + [chat.choices[0].message.content]
+
+    with serve_command(tiny_smollm2_tokenizer_checkpoint, 1) as url:
+        single = answers(url)
+    with serve_command(tiny_smollm2_tokenizer_checkpoint, 2) as url:
+        parallel = answers(url)
+    assert parallel == single and all(single)
