@@ -83,3 +83,17 @@ def test_generate_benchmark_refuses_unknown_models():
 
     with pytest.raises(ValueError, match="llama3.2-1b-shape"):
         generate.main(models="llama-9000")
+
+
+def test_serve_benchmark_loads_our_server(tmp_path):
+    result = run_benchmark("bench.serve", tmp_path)
+    assert result["benchmark"] == "serve" and result["checkpoint"] == "tiny-random"
+    rows = result["rows"]
+    assert [(r["server"], r["scenario"]) for r in rows] == [
+        ("ours", s) for s in ("concurrency 1", "concurrency 2", "poisson 4/s", "shared prefix")
+    ]
+    for row in rows:
+        assert row["completed"] == row["sent"]
+        assert row["ttft_p50_ms"] > 0 and row["e2e_p99_ms"] >= row["e2e_p50_ms"] and row["output_tok_s"] > 0
+    assert all(r["mean_output_tokens"] == 8 for r in rows[:3])  # exactly the tokens asked for: stops biased away
+    assert rows[0]["tpot_over_generate"] > 0 and rows[-1]["warm_over_cold"] > 0
