@@ -43,13 +43,13 @@ def serve(args) -> None:
     from llama.serving import Scheduler, create_app
 
     api_key = read_api_key(args.api_key, args.api_key_file)
+    for name in ("max_batch_size", "max_seq_len", "max_queue", "prefill_chunk"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}")
     if args.ckpt is None:
         from llama.checkpoint.embedded import default_checkpoint
 
         args.ckpt = default_checkpoint()
-    for name in ("max_batch_size", "max_seq_len", "max_queue", "prefill_chunk"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}")
     llm = Llama.build(args.ckpt, args.tokenizer_path, args.max_seq_len, args.max_batch_size, seed=args.seed,
                       compile=args.compile, quantize=args.quantize, prefill_chunk=args.prefill_chunk)
     name = args.served_model_name or Path(args.ckpt).stem

@@ -214,6 +214,40 @@ def test_logprobs_equal_llama_generate_and_transformers(client, reference, tiny_
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the chosen is the likeliest
 
 
+def test_penalties_bias_and_min_p_follow_openai(client, tiny_hf_folder):
+    prompt = TOK.encode("abcabcabc", bos=True)
+    length = 48  # long enough for the greedy path to come back to tokens it chose before
+    # penalties as OpenAI defines them, applied step by step to transformers' logits of the same weights
+    hf = LlamaForCausalLM.from_pretrained(tiny_hf_folder).eval()
+    def reference(frequency, presence):
+        tokens, counts, logprobs = list(prompt), torch.zeros(TOK.vocab_size), []
+        for _ in range(length):
+            with torch.no_grad():
+                logits = hf(torch.tensor([tokens])).logits[0, -1]
+            adjusted = logits - frequency * counts - presence * (counts > 0)
+            adjusted[TOK.eos_id] -= 100
+            tokens.append(int(adjusted.argmax()))
+            counts[tokens[-1]] += 1
+            logprobs.append(float(torch.log_softmax(logits, -1)[tokens[-1]]))  # the model's own, as reported
+        return tokens[len(prompt) :], logprobs
+
+    expected, plain = reference(0.7, 1.5), reference(0, 0)
+    assert expected[0] != plain[0]
+    penalized = client.completions.create(model="tiny", prompt=prompt, max_tokens=length, temperature=0, logprobs=0,
+                                          frequency_penalty=0.7, presence_penalty=1.5, logit_bias=NO_EOS)
+    assert penalized.choices[0].text == TOK.decode(expected[0])
+    # byte tokens >= 128 all read as U+FFFD: the logprobs tell the chosen tokens apart
+    assert penalized.choices[0].logprobs.token_logprobs == pytest.approx(expected[1], abs=1e-4)
+
+    forced = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=1.0, seed=0,
+                                       logit_bias={str(ord("z")): 100})
+    assert forced.choices[0].text == "zzzzz"
+    # min_p 1 keeps only the most likely token: sampling at any temperature is greedy
+    sampled = client.completions.create(model="tiny", prompt=prompt, max_tokens=length, temperature=1.5, seed=3,
+                                        logit_bias=NO_EOS, extra_body={"min_p": 1.0})
+    assert sampled.choices[0].text == TOK.decode(plain[0])
+
+
 def test_usage_counts_prompts_choices_and_cached_tokens(client):
     prompts = [TOK.encode(PROMPTS[1], bos=True), TOK.encode(PROMPTS[4], bos=True)]
     result = client.completions.create(model="tiny", prompt=prompts, max_tokens=7, n=2, temperature=0.5, seed=1,
@@ -573,6 +607,14 @@ def test_two_tensor_parallel_processes_serve_the_tokens_of_one(tiny_smollm2_toke
 
     with serve_command(tiny_smollm2_tokenizer_checkpoint, 1) as url:
         single = answers(url)
+        # the chat template's ids, as transformers renders and encodes them: one <|im_start|> opening, no second
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(tiny_smollm2_tokenizer_checkpoint)
+        messages = [{"role": "user", "content": prompts[1]}]
+        tokens = httpx.post(url + "/tokenize", json={"messages": messages}).json()["tokens"]
+        assert tokens == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
     with serve_command(tiny_smollm2_tokenizer_checkpoint, 2) as url:
         parallel = answers(url)
     assert parallel == single and all(single)
