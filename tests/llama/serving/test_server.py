@@ -443,6 +443,15 @@ def test_bad_input_gets_the_error_body_and_the_server_keeps_serving(server, path
     assert post(url, C, {"prompt": "a", "max_tokens": 2}).status_code == 200
 
 
+def test_a_body_over_the_limit_is_refused_without_a_declared_length(server):
+    url, _ = server
+    body = json.dumps({"prompt": "a" * (70 << 10)}).encode()
+    chunks = (body[i : i + 4096] for i in range(0, len(body), 4096))  # sent chunked: no Content-Length
+    response = httpx.post(url + C, content=chunks, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 413 and is_error_body(response)
+    assert post(url, C, {"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 def test_openai_defaults_of_unimplemented_fields_are_accepted(server):
     url, _ = server
     body = {"prompt": "a", "max_tokens": 2, "suffix": None, "best_of": 1, "user": "u", "top_k": -1}
