@@ -15,7 +15,9 @@ for exactly ``output_tokens`` tokens (end-of-text tokens biased away), greedy, s
 Per request: TTFT (to the first streamed text), TPOT = (E2E - TTFT) / (output tokens - 1), ITL (gaps between
 streamed chunks) and E2E; reported as p50/p90/p99 with output tok/s, requests/s and goodput (requests/s meeting
 TTFT <= ``ttft_limit_s`` and TPOT <= ``tpot_limit_s``). Our ``Llama.generate`` at batch 1 with the same options gives
-the time per output token a served request at concurrency 1 is compared with.
+the time per output token a served request at concurrency 1 is compared with (measured just before it). All
+servers are started first and each load is sent to each in turn, so that other work on a shared machine falls on
+them alike.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import fire
@@ -41,6 +43,7 @@ import torch
 
 from bench.common import print_table, timed, write_result
 from llama.checkpoint.embedded import default_checkpoint, smollm2_gguf
+from llama.generation import Request, SamplingParams
 from tokenizer import load_tokenizer
 
 HOST = "127.0.0.1"  # loopback only
@@ -228,19 +231,25 @@ def scenarios(tokenizer, num_prompts, prompt_tokens, output_tokens, concurrency,
     return loads
 
 
-def generate_tpot(ckpt: Path, prompt: str, output_tokens: int, compile: bool, quantize: str | None,
-                  max_seq_len: int) -> float:
-    """Seconds per output token of ``Llama.generate`` at batch 1 with the server's options (decode only)."""
+def generate_timer(ckpt: Path, prompt: str, output_tokens: int, compile: bool, quantize: str | None,
+                   max_seq_len: int):
+    """A function timing ``Llama.generate`` at batch 1 with the server's options: seconds per output token
+    (decode only). Loaded and warmed up (compiled) here."""
     from llama.generation import Llama
 
     llm = Llama.build(ckpt, max_seq_len=max_seq_len, max_batch_size=1, compile=compile, quantize=quantize)
     tokens = llm.tokenizer.encode(prompt)
-    run = lambda n: llm.generate([tokens], max_gen_len=n, temperature=0)  # noqa: E731
+    stops = {t: -100 for t in llm.tokenizer.stop_ids}  # exactly output_tokens tokens, as the served requests
+    run = lambda n: llm.complete([Request(tokens, SamplingParams(temperature=0, max_tokens=n, logit_bias=stops))])  # noqa: E731
     run(output_tokens), run(1)  # warm-up (compilation)
     device = torch.device("cpu")
-    first = min(timed(lambda: run(1), device) for _ in range(2))
-    whole = min(timed(lambda: run(output_tokens), device) for _ in range(2))
-    return (whole - first) / (output_tokens - 1)
+
+    def tpot() -> float:
+        first = min(timed(lambda: run(1), device) for _ in range(2))
+        whole = min(timed(lambda: run(output_tokens), device) for _ in range(2))
+        return (whole - first) / (output_tokens - 1)
+
+    return tpot
 
 
 def main(
@@ -275,7 +284,7 @@ def main(
         model = Path(ckpt) if ckpt else tiny_checkpoint(Path(tmp)) if quick else smollm2_gguf()
         if llama_server is not None and model.suffix != ".gguf":
             raise ValueError(f"--llama_server needs a .gguf checkpoint, got {model}")
-        rows, extra = run_all(model, llama_server, concurrency, rates, num_prompts, prompt_tokens, output_tokens,
+        rows = run_all(model, llama_server, concurrency, rates, num_prompts, prompt_tokens, output_tokens,
                               shared_prefix_tokens, slots, compile, quantize, threads, ttft_limit_s, tpot_limit_s,
                               seed, max_seconds)
     print_table(rows, ["server", "scenario", "completed", "output_tok_s", "req_s", "goodput_req_s", "ttft_p50_ms",
@@ -283,7 +292,7 @@ def main(
                        "tpot_over_generate"])
     path = write_result("serve", torch.device("cpu"), rows, out_dir=output, checkpoint=model.name, slots=slots,
                         compile=compile, quantize=quantize, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                        ttft_limit_s=ttft_limit_s, tpot_limit_s=tpot_limit_s, seed=seed, **extra)
+                        ttft_limit_s=ttft_limit_s, tpot_limit_s=tpot_limit_s, seed=seed)
     print(f"wrote {path}")
 
 
@@ -307,20 +316,25 @@ def run_all(model, llama_server, concurrency, rates, num_prompts, prompt_tokens,
     torch.set_num_threads(threads)
     loads = scenarios(tokenizer, num_prompts, prompt_tokens, output_tokens, concurrency, rates, shared_prefix_tokens,
                       seed)
-    reference_tpot = generate_tpot(model, loads[0][1][0]["prompt"], output_tokens, compile, quantize, max_seq_len)
-    print(f"Llama.generate at batch 1: {1000 * reference_tpot:.1f} ms per output token")
+    generate_tpot = generate_timer(model, loads[0][1][0]["prompt"], output_tokens, compile, quantize, max_seq_len)
 
-    systems = {"ours": ours_command(model, free_port(), slots, max_seq_len, compile, quantize)}
+    commands = {"ours": ours_command(model, free_port(), slots, max_seq_len, compile, quantize)}
     if llama_server:
-        systems["llama-server"] = llama_server_command(llama_server, model, free_port(), slots, max_seq_len, threads)
+        commands["llama-server"] = llama_server_command(llama_server, model, free_port(), slots, max_seq_len, threads)
     rows = []
-    for name, command in systems.items():
-        port = int(command[command.index("--port") + 1])
-        env = {"OMP_NUM_THREADS": str(threads)}
-        if name == "llama-server":
-            env["LD_LIBRARY_PATH"] = str(Path(llama_server).parent)
-        with server(command, port, env, "/health/ready" if name == "ours" else "/health") as url:
-            for load, bodies, chat, c, rate in loads:
+    with ExitStack() as stack:  # all servers up at once (idle ones take no CPU), each load sent to each in turn
+        urls = {}
+        for name, command in commands.items():
+            port = int(command[command.index("--port") + 1])
+            env = {"OMP_NUM_THREADS": str(threads)}
+            if name == "llama-server":
+                env["LD_LIBRARY_PATH"] = str(Path(llama_server).parent)
+            ready = "/health/ready" if name == "ours" else "/health"
+            urls[name] = stack.enter_context(server(command, port, env, ready))
+        for load, bodies, chat, c, rate in loads:
+            for name, url in urls.items():
+                # Llama.generate's time per token just before, under the same load of the machine
+                reference = generate_tpot() if name == "ours" and c == 1 and load.startswith("concurrency") else None
                 results, duration = asyncio.run(run_load(url, bodies, chat, c, rate, seed, max_seconds))
                 row = {"server": name, "scenario": load, **summarize(results, duration, len(bodies), ttft_limit_s,
                                                                      tpot_limit_s)}
@@ -329,11 +343,21 @@ def run_all(model, llama_server, concurrency, rates, num_prompts, prompt_tokens,
                     row["cold_ttft_ms"] = 1000 * ordered[0]["ttft"]
                     row["warm_ttft_ms"] = 1000 * float(np.median([r["ttft"] for r in ordered[1:]]))
                     row["warm_over_cold"] = row["warm_ttft_ms"] / row["cold_ttft_ms"]
-                if name == "ours" and c == 1 and load.startswith("concurrency"):
-                    row["tpot_over_generate"] = row["tpot_p50_ms"] / (1000 * reference_tpot)
+                if reference is not None:
+                    row["generate_tpot_ms"] = 1000 * reference
+                    row["tpot_over_generate"] = row["tpot_p50_ms"] / row["generate_tpot_ms"]
                 rows.append(row)
                 print(f"{name:13s} {load:16s} done: {row['completed']}/{row['sent']} in {duration:.1f} s", flush=True)
-    return rows, {"generate_tpot_ms": 1000 * reference_tpot}
+    for name in commands:  # the servers' ratios, scenario by scenario
+        if name != "ours":
+            for mine, theirs in zip(rows[::len(commands)], rows[list(commands).index(name)::len(commands)]):
+                mine[f"output_tok_s_x_{name}"] = ratio(mine["output_tok_s"], theirs["output_tok_s"])
+                mine[f"ttft_p50_x_{name}"] = ratio(theirs["ttft_p50_ms"], mine["ttft_p50_ms"])
+    return rows
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 if __name__ == "__main__":
