@@ -86,6 +86,9 @@ class Gate:
             more = message.get("more_body", False)
             if sum(map(len, body)) > self.max_body_bytes:
                 return await _send_error(self._too_large(), scope, receive, send)
+        if not _valid_unicode(b"".join(body)):
+            error = bad_request("invalid JSON: a string holds a lone UTF-16 surrogate (not Unicode text)")
+            return await _send_error(error, scope, receive, send)
         replayed = False
 
         async def replay():
@@ -105,6 +108,19 @@ class Gate:
     def _too_large(self) -> APIError:
         return APIError(413, f"request body over the limit of {self.max_body_bytes} bytes",
                         code="request_too_large")
+
+
+def _valid_unicode(body: bytes) -> bool:
+    """False for JSON whose strings hold an escaped lone surrogate ("\\ud800"): valid JSON, but no text."""
+    if b"\\u" not in body:
+        return True
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    except ValueError:  # not JSON: the route's validation says so
+        pass
+    return True
 
 
 async def _send_error(error: APIError, scope, receive, send) -> None:

@@ -387,6 +387,7 @@ BAD = [
     (C, b'{"prompt": "a",', 400, None),
     (C, b"[1, 2]", 400, None),
     (C, b"", 400, None),
+    (C, b'{"prompt": "\\ud800 lone surrogate"}', 400, None),
     (C, {"prompt": "a", "temperature": "hot"}, 400, "temperature"),
     (C, {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
     (C, {"prompt": "a", "stream": "yes"}, 400, "stream"),
