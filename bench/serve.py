@@ -240,7 +240,10 @@ def generate_timer(ckpt: Path, prompt: str, output_tokens: int, compile: bool, q
     llm = Llama.build(ckpt, max_seq_len=max_seq_len, max_batch_size=1, compile=compile, quantize=quantize)
     tokens = llm.tokenizer.encode(prompt)
     stops = {t: -100 for t in llm.tokenizer.stop_ids}  # exactly output_tokens tokens, as the served requests
-    run = lambda n: llm.complete([Request(tokens, SamplingParams(temperature=0, max_tokens=n, logit_bias=stops))])  # noqa: E731
+
+    def run(n):
+        return llm.complete([Request(tokens, SamplingParams(temperature=0, max_tokens=n, logit_bias=stops))])
+
     run(output_tokens), run(1)  # warm-up (compilation)
     device = torch.device("cpu")
 

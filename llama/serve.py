@@ -68,7 +68,8 @@ def serve(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(PROG, __doc__)
     parser.add_argument("ckpt", nargs="?", help="checkpoint folder or .gguf file (default: embedded SmolLM2)")
-    parser.add_argument("--tokenizer_path", "--tokenizer-path", help="tokenizer file or folder (default: beside the checkpoint)")
+    parser.add_argument("--tokenizer_path", "--tokenizer-path",
+                        help="tokenizer file or folder (default: beside the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     keys = parser.add_mutually_exclusive_group()

@@ -242,7 +242,8 @@ class Engine:
             start, prompt = len(slot.cached), slot.request.prompt
             following = prompt[start + 1 : start + len(chunk) + 1]  # the last position may predict past the prompt
             lp = torch.log_softmax(logits[i, : len(following)].float(), dim=-1)
-            slot.request.prompt_logprobs += lp.gather(-1, torch.tensor(following, device=self.device)[:, None])[:, 0].tolist()
+            following_ids = torch.tensor(following, device=self.device)[:, None]
+            slot.request.prompt_logprobs += lp.gather(-1, following_ids)[:, 0].tolist()
             if k := slot.request.sampling.top_logprobs:
                 slot.request.prompt_top_logprobs += _top(lp, k)
 

@@ -58,8 +58,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not (_number(getattr(self, name)) and abs(getattr(self, name)) <= MAX_PENALTY):
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}")
-        if not isinstance(self.logit_bias, dict) or not all(
-            isinstance(t, int) and t >= 0 and _number(b) and abs(b) <= MAX_LOGIT_BIAS for t, b in self.logit_bias.items()
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or not all(
+            isinstance(t, int) and t >= 0 and _number(b) and abs(b) <= MAX_LOGIT_BIAS for t, b in bias.items()
         ):
             raise ValueError(f"logit_bias must map token ids to numbers in [-100, 100], got {self.logit_bias}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:

@@ -32,7 +32,7 @@ from llama.serving.protocol import (
     APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request, error_body,
     logit_bias_ids, prompt_list, refuse_unimplemented, stop_list,
 )
-from llama.serving.scheduler import Handle, QueueFull, Scheduler
+from llama.serving.scheduler import QueueFull, Scheduler
 from tokenizer import Dialog, encode_dialog
 
 log = logging.getLogger("llama.serving")
@@ -240,7 +240,8 @@ class Server:
     """What the routes share: the model's tokenizer, the scheduler, the metrics, the served name."""
 
     def __init__(self, llm: Llama, model_name: str, max_queue: int, metrics: Metrics):
-        self.tokenizer, self.max_seq_len, self.model_name, self.metrics = llm.tokenizer, llm.max_seq_len, model_name, metrics
+        self.tokenizer, self.max_seq_len, self.model_name = llm.tokenizer, llm.max_seq_len, model_name
+        self.metrics = metrics
         self.engine = llm.engine
         self.vocab_size = llm.model.args.vocab_size
         self.probe_prompt = [llm.tokenizer.bos_id if llm.tokenizer.bos_id is not None else 0]
@@ -581,8 +582,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request, error: StarletteHTTPException):
         kinds = {404: "not_found_error", 405: "invalid_request_error"}
         message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
-        return _error_response(APIError(error.status_code, message, kinds.get(error.status_code, "invalid_request_error"),
-                                        headers=getattr(error, "headers", None)))
+        kind = kinds.get(error.status_code, "invalid_request_error")
+        return _error_response(APIError(error.status_code, message, kind, headers=getattr(error, "headers", None)))
 
     @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):

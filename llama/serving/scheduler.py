@@ -17,8 +17,7 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -46,7 +45,6 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     id: int = 0
     published: int = -1  # tokens last published
-    submitted_at: float = field(default_factory=time.perf_counter)
     counted: bool = True  # counts against the queue's capacity (a readiness probe does not)
 
 
@@ -109,11 +107,14 @@ class Scheduler:
         updates: asyncio.Queue = asyncio.Queue()
         request = Request(list(prompt), SamplingParams(temperature=0, top_p=1, max_tokens=1))
         handles = self.submit([request], updates, counted=False)
+
+        async def finish_reason() -> str:
+            while (reason := (await updates.get())[2]) is None:
+                pass
+            return reason
+
         try:
-            while True:
-                _, _, reason = await asyncio.wait_for(updates.get(), deadline_s)
-                if reason is not None:
-                    return reason in ("stop", "length")
+            return await asyncio.wait_for(finish_reason(), deadline_s) in ("stop", "length")
         except asyncio.TimeoutError:
             return False
         finally:

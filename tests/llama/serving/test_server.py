@@ -146,7 +146,8 @@ def test_streamed_text_equals_the_whole_text_with_a_stop_string_split_over_token
     text = whole.choices[0].text
     assert text == TOK.decode(alone(reference, prompt, 40).tokens)
     # a stop string of two printable characters from the middle: byte tokens bring it one character at a time
-    start = next(i for i in range(8, len(text) - 2) if text[i : i + 2].isprintable() and "\ufffd" not in text[i : i + 2])
+    start = next(i for i in range(8, len(text) - 2)
+                 if text[i : i + 2].isprintable() and "\ufffd" not in text[i : i + 2])
     stop = text[start : start + 2]
     cut = text[: text.find(stop)]
     for kind in ("completions", "chat"):
@@ -457,7 +458,8 @@ def test_openai_defaults_of_unimplemented_fields_are_accepted(server):
     url, _ = server
     body = {"prompt": "a", "max_tokens": 2, "suffix": None, "best_of": 1, "user": "u", "top_k": -1}
     assert post(url, C, body).status_code == 200
-    chat = {"messages": USER, "max_tokens": 2, "tools": None, "tool_choice": "none", "response_format": {"type": "text"},
+    chat = {"messages": USER, "max_tokens": 2, "tools": None, "tool_choice": "none",
+            "response_format": {"type": "text"},
             "parallel_tool_calls": True, "store": False, "messages_extra": None}
     response = post(url, CHAT, chat)
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages_extra"
