@@ -310,6 +310,10 @@ class Server:
     def encode_messages(self, messages) -> list[int]:
         dialog: Dialog = []
         for i, message in enumerate(messages):
+            extra = [name for name, value in (message.model_extra or {}).items() if value not in (None, [])]
+            if extra or message.name is not None:
+                field = (extra or ["name"])[0]
+                raise bad_request(f"messages[{i}].{field} is not supported by this server", f"messages[{i}].{field}")
             content = message.content
             if isinstance(content, list):
                 if any(part.type != "text" or part.text is None for part in content):

@@ -425,6 +425,8 @@ BAD = [
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user"}, {"role": "user", "content": "b"}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": "a", "tool_calls": [{"id": "1"}]}]}, 400, "messages[0].tool_calls"),
+    (CHAT, {"messages": [{"role": "user", "content": "a", "name": "bob"}]}, 400, "messages[0].name"),
     (CHAT, {"messages": USER, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
