@@ -7,7 +7,8 @@ positions, so rows of different lengths decode together and a new request joins 
    tokens' keys and values are reused and not computed again);
 2. prefills one group of admitted prompts (up to ``prefill_chunk`` tokens each; a longer prompt takes several
    steps), sampling the first token of those whose prompt is complete;
-3. decodes one token for every request that has one pending.
+3. decodes one token for every request that has one pending (with ``compile``, over a number of rows rounded up to
+   a bucket, 1, 2, 4, 8, ..., so that a few compiled graphs serve every concurrency).
 A finished or cancelled request frees its slot at once; the slot keeps its tokens for a later request with the
 same prefix. Every request samples with its own settings and random stream (``llama.generation.sampling``), so
 its tokens do not depend on what else is running.
@@ -35,6 +36,10 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # generated, the stop id that ended them excluded
     logprobs: list[float] = field(default_factory=list)  # of ``tokens``, under the unscaled model distribution
     prompt_logprobs: list[float] = field(default_factory=list)  # with ``echo_logprobs``
+    # with ``sampling.top_logprobs`` k: the k most likely (token, logprob) at each position of ``tokens`` (and of
+    # the prompt after its first token, with ``echo_logprobs``)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop id or string), "length" or "cancelled"
     stop_token: int | None = None  # the stop id that ended the request (say <|eot_id|> or <|eom_id|>), if one did
     reused_tokens: int = 0  # prompt tokens whose keys and values came from a slot's earlier content
@@ -106,6 +111,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.compiled = compile
         self.decode_step = compiled_decode_step(model) if compile else model
+        # compiled: decode steps run over one of these row counts, each a graph of its own
+        self.buckets = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
 
     # ------------------------------------------------------------------------------------------------ requests
 
@@ -119,6 +126,8 @@ class Engine:
         vocab_size = self.model.args.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab_size for t in request.prompt):
             raise ValueError(f"{name} holds token ids outside the vocabulary (0..{vocab_size - 1})")
+        if any(t >= vocab_size for t in request.sampling.logit_bias):
+            raise ValueError(f"logit_bias holds token ids outside the vocabulary (0..{vocab_size - 1})")
 
     def submit(self, request: Request) -> None:
         self.check(request)
@@ -183,6 +192,7 @@ class Engine:
             slot.max_new_tokens = room if wanted is None else min(room, wanted)
             request.reused_tokens = reused
             request.prompt_logprobs = [0.0] if request.echo_logprobs else []
+            request.prompt_top_logprobs = []
 
     def _prefill_group(self) -> list[_Slot]:
         """Prefilling slots whose next chunks fit one forward: right-padded to the longest, each row's padding
@@ -234,7 +244,10 @@ class Engine:
             start, prompt = len(slot.cached), slot.request.prompt
             following = prompt[start + 1 : start + len(chunk) + 1]  # the last position may predict past the prompt
             lp = torch.log_softmax(logits[i, : len(following)].float(), dim=-1)
-            slot.request.prompt_logprobs += lp.gather(-1, torch.tensor(following, device=self.device)[:, None])[:, 0].tolist()
+            following_ids = torch.tensor(following, device=self.device)[:, None]
+            slot.request.prompt_logprobs += lp.gather(-1, following_ids)[:, 0].tolist()
+            if k := slot.request.sampling.top_logprobs:
+                slot.request.prompt_top_logprobs += _top(lp, k)
 
     def _decode(self, prefilled: list[_Slot]) -> None:
         """One token for every request with one pending, except those whose first token this step sampled: their
@@ -242,9 +255,10 @@ class Engine:
         decoding = [slot for slot in self.slots if slot.next_token is not None and slot not in prefilled]
         if not decoding:
             return
-        # the step runs over rows 0..n-1; rows without a pending token are fed a placeholder at their first free
-        # position (never attended, overwritten by their next real write)
-        rows = self.slots[: decoding[-1].index + 1]
+        # the step runs over rows 0..n-1 (n rounded up to a bucket when compiled); rows without a pending token
+        # are fed a placeholder at their first free position (never attended, overwritten by their next real write)
+        n = decoding[-1].index + 1
+        rows = self.slots[: min(b for b in self.buckets if b >= n) if self.compiled else n]
         positions = []
         for slot in rows:
             position = len(slot.cached)
@@ -266,13 +280,16 @@ class Engine:
     def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> None:
         """Sample one token for each of ``slots`` from its logits (n, vocab_size) and record it."""
         tokens = sample(logits, [slot.sampler for slot in slots])
-        logprobs = [None] * len(slots)  # a log-softmax over the vocabulary only when asked: ~1 % of a CPU step
+        logprobs = tops = [None] * len(slots)  # a log-softmax over the vocabulary only when asked: ~1 % of a CPU step
         if any(slot.request.sampling.logprobs for slot in slots):
-            logprobs = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0].tolist()
-        for slot, token, logprob in zip(slots, tokens.tolist(), logprobs):
-            self._accept(slot, token, logprob)
+            all_logprobs = torch.log_softmax(logits.float(), -1)
+            logprobs = all_logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+            if k := max(slot.request.sampling.top_logprobs for slot in slots):
+                tops = _top(all_logprobs, k)
+        for slot, token, logprob, top in zip(slots, tokens.tolist(), logprobs, tops):
+            self._accept(slot, token, logprob, top)
 
-    def _accept(self, slot: _Slot, token: int, logprob: float | None) -> None:
+    def _accept(self, slot: _Slot, token: int, logprob: float | None, top: list | None = None) -> None:
         request = slot.request
         if slot.max_new_tokens == 0:
             return self._finish(slot, "length")
@@ -282,6 +299,8 @@ class Engine:
         request.tokens.append(token)
         if request.sampling.logprobs:
             request.logprobs.append(logprob)
+            if k := request.sampling.top_logprobs:
+                request.top_logprobs.append(top[:k])
         stop = request.sampling.stop
         if stop and any(s in self.decode_text(request.tokens) for s in stop):
             return self._finish(slot, "stop")
@@ -294,6 +313,12 @@ class Engine:
         slot.request = slot.sampler = slot.next_token = None
         if not self.prefix_cache:
             slot.cached.clear()
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The k most likely (token, logprob) of each row of ``logprobs`` (n, vocab_size), most likely first."""
+    values, ids = logprobs.topk(k, dim=-1)
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
 
 
 def compiled_decode_step(model: Transformer) -> Callable[..., torch.Tensor]:

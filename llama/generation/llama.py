@@ -13,7 +13,7 @@ import torch
 
 from llama.checkpoint import load_checkpoint
 from llama.generation.engine import Engine, Request
-from llama.generation.sampling import SamplingParams
+from llama.generation.sampling import SamplingParams, row_seeds
 from llama.generation.text import cut_at_stop, stable_text, stop_strings
 from llama.model import Transformer
 from llama.transforms.quantize import quantize_weights
@@ -33,13 +33,16 @@ class Llama:
         seed: int = 1,
         compile: bool = False,
         quantize: str | None = None,
+        prefill_chunk: int | None = None,
     ):
         """Wrap a loaded model and its tokenizer; ``max_seq_len`` (capped by the model's context) and
         ``max_batch_size`` size the static KV cache the engine allocates here.
 
         ``compile``: the one-token decode step runs through ``torch.compile`` (CUDA graphs on GPU) over a
         static-shape mask that spans the whole cache; prefill stays eager. ``quantize="int8"`` or ``"int4"``:
-        weight-only quantised linears (``llama.transforms.quantize``), applied in place to ``model``."""
+        weight-only quantised linears (``llama.transforms.quantize``), applied in place to ``model``.
+        ``prefill_chunk``: prompt tokens prefilled per engine step and request (None: whole prompts; a server
+        interleaves chunks of long prompts with the running decode steps)."""
         check_fits(tokenizer, model.args.vocab_size)
         if quantize is not None:
             quantize_weights(model, quantize)  # refuses an unknown method
@@ -49,7 +52,7 @@ class Llama:
         self.max_batch_size = max_batch_size
         self.engine = Engine(
             model, tokenizer.stop_ids, max_batch_size, self.max_seq_len, decode_text=tokenizer.decode,
-            compile=compile, seed=seed,
+            compile=compile, seed=seed, prefill_chunk=prefill_chunk,
         )
 
     @staticmethod
@@ -63,6 +66,7 @@ class Llama:
         seed: int = 1,
         compile: bool = False,
         quantize: str | None = None,
+        prefill_chunk: int | None = None,
     ) -> Llama:
         """Load any checkpoint ``llama.checkpoint.load_model`` reads (Meta or HF folder, ``.gguf`` file) and the
         tokenizer beside it (or at ``tokenizer_path``). Defaults: CUDA in bf16 when present, else CPU in fp32.
@@ -78,7 +82,7 @@ class Llama:
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, device=device, dtype=dtype)
         if world_size() > 1:
             apply_tensor_parallel(model, init_tensor_parallel_mesh(device))
-        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, compile, quantize)
+        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, compile, quantize, prefill_chunk)
 
     # ----------------------------------------------------------------------------------------------- generate
 
@@ -301,11 +305,8 @@ class Llama:
         streams ``seed`` draws."""
         if not prompt_tokens:
             raise ValueError("no prompts given")
-        seeds = [None] * len(prompt_tokens)
-        if seed is not None:
-            seeds = torch.randint(2**62, (len(prompt_tokens),), generator=torch.Generator().manual_seed(seed)).tolist()
         requests = []
-        for i, (prompt, row_seed) in enumerate(zip(prompt_tokens, seeds)):
+        for i, (prompt, row_seed) in enumerate(zip(prompt_tokens, row_seeds(seed, len(prompt_tokens)))):
             sampling = SamplingParams(temperature, top_p, top_k, max_gen_len, stop, row_seed, logprobs, stop_ids)
             request = Request(list(prompt), sampling, echo_logprobs=echo and logprobs)
             self.engine.check(request, name=f"prompt {i}")

@@ -106,3 +106,17 @@ def test_long_context_benchmark_runs_every_variant_on_the_same_weights(tmp_path)
     for n in (128, 256):  # the same weights and tokens: every variant computes the same loss
         losses = [r["loss"] for r in rows if r["tokens"] == n and r["peak_mib"] is not None]
         assert max(losses) - min(losses) < 1e-4 and all(r["peak_mib"] > 0 for r in rows[:-1])
+
+
+def test_serve_benchmark_loads_our_server(tmp_path):
+    result = run_benchmark("bench.serve", tmp_path)
+    assert result["benchmark"] == "serve" and result["checkpoint"] == "tiny-random"
+    rows = result["rows"]
+    assert [(r["server"], r["scenario"]) for r in rows] == [
+        ("ours", s) for s in ("concurrency 1", "concurrency 2", "poisson 4/s", "shared prefix")
+    ]
+    for row in rows:
+        assert row["completed"] == row["sent"]
+        assert row["ttft_p50_ms"] > 0 and row["e2e_p99_ms"] >= row["e2e_p50_ms"] and row["output_tok_s"] > 0
+    assert all(r["mean_output_tokens"] == 8 for r in rows[:3])  # exactly the tokens asked for: stops biased away
+    assert rows[0]["tpot_over_generate"] > 0 and rows[-1]["warm_over_cold"] > 0

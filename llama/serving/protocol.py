@@ -1,0 +1,165 @@
+"""The OpenAI-compatible request schemas (pydantic) and the one error body of every failure.
+
+Requests are validated strictly (a string is not a number) and may carry only fields the server implements; an
+OpenAI field it does not implement is accepted only with OpenAI's default value (or null), so clients that send
+defaults keep working, and refused with a 400 that names it otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llama.generation.sampling import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
+
+MAX_N = 16  # choices per request
+
+# OpenAI fields this server does not implement, with the value that means "not used".
+UNIMPLEMENTED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "completions": {"suffix": None, "best_of": 1},
+    "chat": {
+        "tools": [], "tool_choice": "none", "parallel_tool_calls": True, "functions": [], "function_call": "none",
+        "response_format": {"type": "text"}, "store": False, "metadata": {}, "service_tier": "auto",
+        "modalities": ["text"], "audio": None, "prediction": None, "reasoning_effort": None,
+        "web_search_options": None, "prompt_cache_key": None, "safety_identifier": None, "verbosity": None,
+    },
+    "stream_options": {"include_obfuscation": True},
+}
+
+
+class APIError(Exception):
+    """A failure answered with ``status`` and the error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = False
+
+
+class SamplingFields(Strict):
+    """Fields of both completions and chat completions; null means OpenAI's default."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's range; default 1
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no limit
+    min_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: Any = None  # a string or a list of strings: checked by ``stop_list`` with a clear message
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any  # a string, strings, token ids or lists of token ids: checked by the handler
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top logprobs per position
+
+
+class ContentPart(Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # with a prompt: BOS where the checkpoint's convention adds one
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+def refuse_unimplemented(request: Strict, kind: str) -> None:
+    """400 for a field the server does not implement, unless it holds OpenAI's default (or null)."""
+    defaults = UNIMPLEMENTED_DEFAULTS.get(kind, {})
+    for name, value in (request.model_extra or {}).items():
+        if name in defaults and value in (None, defaults[name]):
+            continue
+        what = "is not supported by this server" if name in defaults else "is not a known field"
+        raise bad_request(f"'{name}' {what}", param=name)
+    if isinstance(request, SamplingFields) and request.stream_options is not None:
+        refuse_unimplemented(request.stream_options, "stream_options")
+        if not request.stream:
+            raise bad_request("stream_options is only allowed with stream=true", param="stream_options")
+
+
+def stop_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise bad_request("stop must be a non-empty string or a list of non-empty strings", param="stop")
+    return stop
+
+
+def logit_bias_ids(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON object keys) with integer keys."""
+    if not bias:
+        return {}
+    if not all(key.isdigit() for key in bias):
+        raise bad_request("logit_bias keys must be token ids (decimal integers)", param="logit_bias")
+    if not all(abs(v) <= MAX_LOGIT_BIAS for v in bias.values()):
+        raise bad_request(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", param="logit_bias")
+    return {int(key): value for key, value in bias.items()}
+
+
+def prompt_list(prompt: Any) -> list[str | list[int]]:
+    """A completion's prompts: each a string or a list of token ids."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p)) for p in prompt
+    ):
+        return prompt
+    raise bad_request(
+        "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids "
+        "(none empty)", param="prompt",
+    )
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
