@@ -142,6 +142,13 @@ class Engine:
             if slot.request is request:
                 self._finish(slot, "cancelled")
 
+    def reset(self) -> None:
+        """Forget the tokens every free slot keeps, so that no later request reuses their keys and values (after the
+        weights change, say); running requests keep theirs."""
+        for slot in self.slots:
+            if slot.request is None:
+                slot.cached.clear()
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(slot.request is not None for slot in self.slots)

@@ -230,6 +230,16 @@ def test_a_repeated_prompt_reuses_all_but_its_last_token(model):
     assert outcome(again) == outcome(first)
 
 
+def test_a_reset_forgets_what_free_slots_keep(model):
+    engine = engine_for(model, max_batch_size=1)
+    first, again = greedy("Repeat after me", max_tokens=6), greedy("Repeat after me", max_tokens=6)
+    run_all(engine, [first])
+    engine.reset()
+    run_all(engine, [again])
+    assert again.reused_tokens == 0
+    assert outcome(again) == outcome(first)
+
+
 def test_without_prefix_cache_nothing_is_reused(model):
     engine = engine_for(model, max_batch_size=1, prefix_cache=False)
     first, again = greedy("Repeat after me", max_tokens=6), greedy("Repeat after me", max_tokens=6)
