@@ -3,8 +3,11 @@
     python -m llama.prepare --input src/ data/*.jsonl.gz --tokenizer tokenizer.model --output shards/ \
         [--val_fraction 0.01] [--workers 8]
 
+    python -m llama.prepare --format chat --input chats.jsonl --tokenizer CKPT --output sft/ [--last_turn_only]
+
 Inputs are files, folders, globs or comma lists of them (``tokenizer.corpus``); the shards and their index are
-``llama.training.shards``'s.
+``llama.training.shards``'s. ``--format chat`` reads conversations (or preference pairs, for DPO) and renders
+them with the checkpoint's chat format, with a loss mask (``llama.training.chat_data``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 
 from llama import cli
 from llama.training.data import INDEX
+from llama.training.chat_data import prepare_chat
 from llama.training.shards import prepare
 
 PROG = "python -m llama.prepare"
@@ -27,10 +31,26 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per .bin file at most")
     parser.add_argument("--exclude", nargs="*", default=[], help="skip folder/file names matching these patterns")
+    parser.add_argument("--format", choices=("text", "chat"), default="text",
+                        help="text: documents; chat: rows of messages, prompt/completion or preference pairs "
+                             "(.jsonl, .jsonl.gz, .parquet) rendered with the tokenizer's chat format")
+    parser.add_argument("--last_turn_only", action="store_true",
+                        help="chat: train only the last assistant turn of each conversation")
     args = parser.parse_args(argv)
-    out = cli.run(PROG, prepare, args.input, args.tokenizer, args.output, args.val_fraction, args.workers,
-                  args.shard_tokens, args.exclude)
+    if args.format == "chat":
+        out = cli.run(PROG, prepare_chat, args.input, args.tokenizer, args.output, args.val_fraction,
+                      args.last_turn_only, args.shard_tokens)
+    else:
+        out = cli.run(PROG, prepare, args.input, args.tokenizer, args.output, args.val_fraction, args.workers,
+                      args.shard_tokens, args.exclude)
     index = json.loads((out / INDEX).read_text())
+    if args.format == "chat":
+        train, val = index["splits"]["train"], index["splits"]["val"]
+        print(f"{out}: {index['rows']:,} {index['format']} rows, {index['documents']:,} samples, "
+              f"{index['tokens']:,} tokens (train {train['trained_tokens']:,} trained of {train['tokens']:,}; "
+              f"val {val['trained_tokens']:,} of {val['tokens']:,}); boundary mismatches: "
+              f"{index['boundary_mismatches']}")
+        return
     print(f"{out}: {index['tokens']:,} tokens in {index['documents']:,} documents "
           f"(train {index['splits']['train']['tokens']:,}, val {index['splits']['val']['tokens']:,}), {index['dtype']}")
 

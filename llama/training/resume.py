@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from llama.files import commit, remove_leftovers, temporary_name
 
 STEP_DIR = re.compile(r"step-(\d+)")
+# Only what trains is saved: under LoRA the adapters (the frozen base comes from model.init_from again).
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 TRAIN_STATE = "train_state.json"
 
 
@@ -72,7 +74,7 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep: in
         Path(names[0]).mkdir()
     dist.broadcast_object_list(names, src=0)
     tmp = Path(names[0])
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
     dist.barrier()  # every shard is written before the checkpoint is declared complete
@@ -166,9 +168,10 @@ def load(path: Path, model, optimizer) -> dict:
     rng_file = path / f"rng-rank-{dist.get_rank()}.pt"
     if train_state["world_size"] == dist.get_world_size() and rng_file.is_file():
         load_rng_state(rng_file)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
     check_shapes(path, model_sd)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=path)  # DCP's .metadata is a pickle: the run folder is trusted input (README)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=TRAINABLE)
     return train_state
