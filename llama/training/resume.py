@@ -173,5 +173,5 @@ def load(path: Path, model, optimizer) -> dict:
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=path)  # DCP's .metadata is a pickle: the run folder is trusted input (README)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=TRAINABLE)
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # keys: check_shapes
     return train_state
