@@ -183,7 +183,7 @@ def export_lora(model, cfg: Config, index: ShardIndex, run_dir: Path):
     """``<run_dir>/adapter/`` in peft's layout, and ``<run_dir>/final/``: the adapters merged into the float base
     of ``model.init_from`` (for QLoRA too: the quantised base was a training-time stand-in for it)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    state = get_model_state_dict(model, options=options)  # the adapters only
+    state = resume.trainable_state(model, get_model_state_dict(model, options=options))  # the adapters only
     if dist.get_rank() == 0:
         base = load_model(cfg.model.init_from, dtype=torch.float32)
         c = cfg.lora

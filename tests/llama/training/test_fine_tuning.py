@@ -201,3 +201,14 @@ def test_dpo_reward_margin_rises_on_a_toy_set(tiny_checkpoint, tmp_path, adapter
     assert first["reward_margin"] == pytest.approx(0, abs=0.05)  # policy = reference at the start
     assert last["reward_margin"] > first["reward_margin"] + 0.5 and last["reward_accuracy"] == 1.0
     assert last["val_reward_margin"] > records[0]["val_reward_margin"] + 0.5 and last["val_loss"] < math.log(2)
+
+
+def test_qlora_run_learns_and_merges_into_the_float_base(tiny_checkpoint, chat_shards, tmp_path):
+    train(load_config(run_args(tiny_checkpoint, chat_shards, tmp_path, *LORA, "--lora.base_quantization=nf4",
+                               "--training.steps=6", "--checkpoint.interval=0")))
+    val = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
+    assert val[6] < val[0] - 0.1
+    tokens = torch.randint(0, 49152, (1, 20))
+    adapted = Llama.build(tiny_checkpoint, adapter=tmp_path / "adapter", device="cpu", max_seq_len=64).model
+    with torch.no_grad():
+        assert (load_model(tmp_path / "final")(tokens) - adapted(tokens)).abs().max() < 1e-5
