@@ -208,6 +208,8 @@ def test_packed_window_gives_each_sample_its_losses_alone(chat_shards, tiny_mode
             alone = tiny_model(torch.from_numpy(ids[:-1])[None], targets=targets, reduction="none")[0]
             n = len(ids) - 1
             torch.testing.assert_close(packed[at : at + n], alone, rtol=0, atol=1e-5)
+            # rotary attention is relative, so the losses alone cannot tell: the positions restart as at inference
+            assert batch.positions[0, at : at + n].tolist() == list(range(n))
             at += n
         # a changed neighbour (the first sample's tokens replaced) leaves the others' losses as they were
         first = len(windows.samples[windows.windows[w][0]][0]) - 1
