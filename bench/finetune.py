@@ -1,11 +1,12 @@
 """LoRA fine-tuning speed and memory: our training step (``llama.transforms.lora`` on our model, chunked loss)
 against transformers + peft, with the same model, batches, LoRA configuration and optimizer, in one run.
 
-    python -m bench.finetune                 # CPU: SmolLM2-135M-Instruct, 2 × 512-token windows, fp32, 2 threads
+    python -m bench.finetune                 # CPU: SmolLM2-135M-Instruct, 1 × 512-token window, fp32, 2 threads
     python -m bench.finetune --quick         # a tiny random model (what the tests run)
 
-Each side runs in its own process (so its peak resident memory is its own), the two taking turns ``rounds``
-times; a process loads the model, adds rank-16 adapters (alpha 32, every linear of the blocks: q, k, v, o, gate,
+Sides: ours eager, ours with each block compiled (``training.compile``, as ``llama.train`` prepares it), and
+peft. Each runs in its own process (so its peak resident memory is its own), taking turns ``rounds`` times (the
+first step of each process, where compilation happens, is not timed); a process loads the model, adds rank-16 adapters (alpha 32, every linear of the blocks: q, k, v, o, gate,
 up, down; no dropout), then takes ``warmup`` + ``steps`` steps of forward, fp32 cross-entropy, backward, clipping
 and AdamW over the adapters, on windows of real text (the standard library's source, tokenized by the model's
 tokenizer). Reported per side: the median step time over all rounds, tokens/s, the process's peak RSS and its
@@ -60,14 +61,17 @@ def text_batches(folder: Path, count: int, batch: int, seq_len: int) -> list[tor
     return list(windows)
 
 
-def our_step(folder: Path):
+def our_step(folder: Path, compile: bool = False):
     from llama.checkpoint import load_model
-    from llama.training.config import OptimizerConfig
+    from llama.training.config import OptimizerConfig, TrainingConfig
     from llama.training.optim import build_optimizer
+    from llama.training.parallelize import init_distributed, parallelize
     from llama.transforms.lora import apply_lora, target_modules
 
+    device, mesh = init_distributed("cpu")  # a group of one process, as `python -m llama.train` makes
     model = load_model(folder, dtype=torch.float32).train()
     apply_lora(model, target_modules(model, TARGETS), RANK, ALPHA)
+    model = parallelize(model, mesh, TrainingConfig(compile=compile), device)
     optimizer = build_optimizer(model, OptimizerConfig(lr=LR, weight_decay=0.0))
 
     def loss(tokens):
@@ -99,7 +103,7 @@ def worker(side: str, folder: str, batch: int, seq_len: int, warmup: int, steps:
     torch.set_num_threads(threads)
     folder = Path(folder)
     batches = text_batches(folder, warmup + steps, batch, seq_len)
-    model, optimizer, loss_on = (our_step if side == "ours" else peft_step)(folder)
+    model, optimizer, loss_on = SIDES[side](folder)
     loaded_gib = current_rss_gib()
     losses, seconds = [], []
     for tokens in batches:
@@ -115,6 +119,9 @@ def worker(side: str, folder: str, batch: int, seq_len: int, warmup: int, steps:
                       "loaded_rss_gib": loaded_gib}))
 
 
+SIDES = {"ours": our_step, "ours_compiled": lambda folder: our_step(folder, compile=True), "peft": peft_step}
+
+
 def quick_checkpoint(folder: Path) -> Path:
     from llama.checkpoint import save_hf
     from llama.checkpoint.embedded import default_checkpoint
@@ -127,7 +134,7 @@ def quick_checkpoint(folder: Path) -> Path:
     return save_hf(model, folder, tokenizer=load_tokenizer(default_checkpoint()))
 
 
-def main(quick: bool = False, batch: int = 2, seq_len: int = 512, warmup: int = 1, steps: int = 3, rounds: int = 2,
+def main(quick: bool = False, batch: int = 1, seq_len: int = 512, warmup: int = 1, steps: int = 2, rounds: int = 2,
          threads: int = 2, output: str | None = None, worker_side: str | None = None, folder: str | None = None):
     """Benchmark and write ``finetune-cpu-<time>.json`` into ``output`` (default bench/results/)."""
     if worker_side:
@@ -139,7 +146,7 @@ def main(quick: bool = False, batch: int = 2, seq_len: int = 512, warmup: int = 
             from llama.checkpoint.embedded import default_checkpoint
 
             folder = default_checkpoint()
-        runs = {"ours": [], "peft": []}
+        runs = {side: [] for side in SIDES}
         for _ in range(rounds):
             for side in runs:  # in turns, so that load from other processes falls on both alike
                 command = [sys.executable, "-m", "bench.finetune", f"--worker_side={side}", f"--folder={folder}",
@@ -157,16 +164,16 @@ def main(quick: bool = False, batch: int = 2, seq_len: int = 512, warmup: int = 
             "peak_above_model_gib": max(r["peak_rss_gib"] - r["loaded_rss_gib"] for r in results),
             "first_loss": results[0]["losses"][0], "last_loss": results[0]["losses"][-1],
         })
-    ours, theirs = rows
-    ratios = {"tokens_per_s_x_peft": ours["tokens_per_s"] / theirs["tokens_per_s"],
-              "peak_rss_x_peft": ours["peak_rss_gib"] / theirs["peak_rss_gib"],
-              "peak_above_model_x_peft": ours["peak_above_model_gib"] / theirs["peak_above_model_gib"]}
-    print_table(rows, ["side", "batch", "seq_len", "step_s", "tokens_per_s", "peak_rss_gib", "peak_above_model_gib",
-                       "first_loss", "last_loss"])
-    print(", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    theirs = rows[-1]
+    for row in rows:
+        row["tokens_per_s_x_peft"] = row["tokens_per_s"] / theirs["tokens_per_s"]
+        row["peak_rss_x_peft"] = row["peak_rss_gib"] / theirs["peak_rss_gib"]
+        row["peak_above_model_x_peft"] = row["peak_above_model_gib"] / theirs["peak_above_model_gib"]
+    print_table(rows, ["side", "batch", "seq_len", "step_s", "tokens_per_s", "tokens_per_s_x_peft", "peak_rss_gib",
+                       "peak_rss_x_peft", "peak_above_model_gib", "peak_above_model_x_peft", "first_loss", "last_loss"])
     path = write_result("finetune", torch.device("cpu"), rows, out_dir=output, model=str(folder), lora_rank=RANK,
                         lora_alpha=ALPHA, lora_targets=list(TARGETS), rounds=rounds, steps_per_round=steps,
-                        threads=threads, **ratios)
+                        threads=threads)
     print(f"wrote {path}")
 
 
