@@ -134,11 +134,15 @@ def quick_checkpoint(folder: Path) -> Path:
     return save_hf(model, folder, tokenizer=load_tokenizer(default_checkpoint()))
 
 
-def main(quick: bool = False, batch: int = 1, seq_len: int = 512, warmup: int = 1, steps: int = 2, rounds: int = 2,
-         threads: int = 2, output: str | None = None, worker_side: str | None = None, folder: str | None = None):
+def main(quick: bool = False, batch: int = 1, seq_len: int = 512, warmup: int = 1, steps: int = 3, rounds: int = 3,
+         threads: int = 2, sides: str | tuple = ",".join(SIDES), output: str | None = None,
+         worker_side: str | None = None, folder: str | None = None):
     """Benchmark and write ``finetune-cpu-<time>.json`` into ``output`` (default bench/results/)."""
     if worker_side:
         return worker(worker_side, folder, batch, seq_len, warmup, steps, threads)
+    sides = sides.split(",") if isinstance(sides, str) else list(sides)
+    if not set(sides) <= set(SIDES) or sides[-1] != "peft":
+        raise ValueError(f"--sides {sides}: expected some of {list(SIDES)}, ending with peft (the reference)")
     with tempfile.TemporaryDirectory() as tmp:
         if quick:
             folder, seq_len, steps, rounds = quick_checkpoint(Path(tmp) / "tiny"), 64, 2, 1
@@ -146,7 +150,7 @@ def main(quick: bool = False, batch: int = 1, seq_len: int = 512, warmup: int = 
             from llama.checkpoint.embedded import default_checkpoint
 
             folder = default_checkpoint()
-        runs = {side: [] for side in SIDES}
+        runs = {side: [] for side in sides}
         for _ in range(rounds):
             for side in runs:  # in turns, so that load from other processes falls on both alike
                 command = [sys.executable, "-m", "bench.finetune", f"--worker_side={side}", f"--folder={folder}",

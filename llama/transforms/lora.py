@@ -104,7 +104,13 @@ class LoRALinear(nn.Module):
             return result
         adapter_x = x.to(self.lora_A.weight.dtype)
         dropped = self.dropout(adapter_x)
-        update = self.lora_B(self.lora_A(dropped)) * self.scaling
+        down = self.lora_A(dropped)  # (..., rank)
+        if self.magnitude is None and result.dtype == down.dtype:
+            # result + scaling · down Bᵀ in one addmm: no separate pass to scale the update and one to add it
+            flat = torch.addmm(result.reshape(-1, self.out_features), down.reshape(-1, self.rank), self.lora_B.weight.T,
+                               alpha=self.scaling)
+            return flat.view(result.shape)
+        update = self.lora_B(down) * self.scaling
         if self.magnitude is None:
             return result + update.to(result.dtype)
         # DoRA, as peft computes it: the row norm of the updated weight, detached (a constant in backward)

@@ -92,3 +92,14 @@ def test_generate_benchmark_refuses_unknown_models():
 
     with pytest.raises(ValueError, match="llama3.2-1b-shape"):
         generate.main(models="llama-9000")
+
+
+def test_finetune_benchmark_matches_peft_loss(tmp_path):
+    result = run_benchmark("bench.finetune", tmp_path, "--sides", "ours,peft")
+    assert result["benchmark"] == "finetune" and result["lora_rank"] == 16
+    ours, peft = result["rows"]
+    assert (ours["side"], peft["side"]) == ("ours", "peft") and peft["tokens_per_s_x_peft"] == 1.0
+    for row in result["rows"]:
+        assert row["tokens_per_s"] > 0 and row["peak_rss_gib"] > row["peak_above_model_gib"] > 0
+    # the same weights, adapters (B = 0) and batch: the same first loss
+    assert ours["first_loss"] == pytest.approx(peft["first_loss"], rel=1e-5)
