@@ -6,12 +6,12 @@ against transformers + peft, with the same model, batches, LoRA configuration an
 
 Sides: ours eager, ours with each block compiled (``training.compile``, as ``llama.train`` prepares it), and
 peft. Each runs in its own process (so its peak resident memory is its own), taking turns ``rounds`` times (the
-first step of each process, where compilation happens, is not timed); a process loads the model, adds rank-16 adapters (alpha 32, every linear of the blocks: q, k, v, o, gate,
-up, down; no dropout), then takes ``warmup`` + ``steps`` steps of forward, fp32 cross-entropy, backward, clipping
-and AdamW over the adapters, on windows of real text (the standard library's source, tokenized by the model's
-tokenizer). Reported per side: the median step time over all rounds, tokens/s, the process's peak RSS and its
-peak above the loaded model. Both start from the same weights with B = 0, so their first losses agree: a check
-that the two compute the same thing.
+first step of each process, where compilation happens, is not timed); a process loads the model, adds rank-16
+adapters (alpha 32, every linear of the blocks: q, k, v, o, gate, up, down; no dropout), then takes ``warmup`` +
+``steps`` steps of forward, fp32 cross-entropy, backward, clipping and AdamW over the adapters, on windows of real
+text (the standard library's source, tokenized by the model's tokenizer). Reported per side: the median step time
+over all rounds, tokens/s, the process's peak RSS and its peak above the loaded model. All start from the same
+weights with B = 0, so their first losses agree: a check that they compute the same thing.
 """
 
 from __future__ import annotations

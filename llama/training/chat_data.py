@@ -74,7 +74,8 @@ def _answer(value, where: str, key: str) -> dict:
         value = value[0]
     if isinstance(value, str):
         return {"role": "assistant", "content": value}
-    if isinstance(value, dict) and value.get("role", "assistant") == "assistant" and isinstance(value.get("content"), str):
+    is_message = isinstance(value, dict) and isinstance(value.get("content"), str)
+    if is_message and value.get("role", "assistant") == "assistant":
         return {"role": "assistant", "content": value["content"]}
     raise CorpusError(f"{where}: {key!r} must be a string or an assistant message, got {value!r:.80}")
 

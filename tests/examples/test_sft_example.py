@@ -1,7 +1,7 @@
 """examples/configs/smollm2_sft_lora.toml on the real SmolLM2-135M-Instruct, through the README's commands: the
 chat set built from the standard library's docstrings, shards, LoRA training, chat with the result.
 
-The whole run (about 20 minutes on a busy 2-core machine) is opt-in: ``pytest -m real tests/examples``. It checks
+The whole run (about 10 minutes on a busy 2-core machine) is opt-in: ``pytest -m real tests/examples``. It checks
 that the held-out loss falls and that most held-out questions are answered in the taught way ("From the Python
 docs: ...") where the base model answers almost none so. The suite runs a short version: a few steps, the loss
 falling, the merged export chatting."""

@@ -235,3 +235,18 @@ def test_preference_rows_become_pairs(smollm2_gguf_path, tmp_path):
     assert batch.inputs.shape == (4, 64)
     trained = [tok.decode(t[t != IGNORE_INDEX].tolist()) for t in batch.targets]
     assert trained == ["Yes 0<|im_end|>", "Yes 3<|im_end|>", "No 0<|im_end|>", "No 3<|im_end|>"]
+
+
+def test_parquet_rows_give_the_same_shards_as_jsonl(smollm2_gguf_path, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    rows = chat_rows(6)
+    rows = [r if "messages" in r else {"messages": [{"role": "user", "content": r["prompt"]},
+                                                    {"role": "assistant", "content": r["completion"]}]} for r in rows]
+    pq.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "chats.parquet")
+    from_parquet = prepare_chat([str(tmp_path / "chats.parquet")], str(smollm2_gguf_path), tmp_path / "a")
+    jsonl = write_jsonl(tmp_path / "chats.jsonl", rows)
+    from_jsonl = prepare_chat([str(jsonl)], str(smollm2_gguf_path), tmp_path / "b")
+    for name in ("train-00000.bin", "train-00000.mask.bin", "train-00000.samples.bin"):
+        assert (from_parquet / name).read_bytes() == (from_jsonl / name).read_bytes()

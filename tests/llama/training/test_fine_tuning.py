@@ -212,3 +212,16 @@ def test_qlora_run_learns_and_merges_into_the_float_base(tiny_checkpoint, chat_s
     adapted = Llama.build(tiny_checkpoint, adapter=tmp_path / "adapter", device="cpu", max_seq_len=64).model
     with torch.no_grad():
         assert (load_model(tmp_path / "final")(tokens) - adapted(tokens)).abs().max() < 1e-5
+
+
+def test_chat_command_takes_the_adapter(lora_run, tiny_checkpoint):
+    command = [sys.executable, "-m", "llama.chat", str(tiny_checkpoint), "--adapter", str(lora_run / "adapter"),
+               "--temperature", "0", "--max_gen_len", "4", "--max_seq_len", "128"]
+    result = subprocess.run(command, input="List 3.\n/quit\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = Llama.build(tiny_checkpoint, adapter=lora_run / "adapter", device="cpu", max_seq_len=128)
+    reply = expected.chat_completion([[{"role": "user", "content": "List 3."}]], temperature=0, max_gen_len=4)
+    assert reply[0]["generation"]["content"] in result.stdout
+    missing = subprocess.run([*command[:4], "--adapter", str(lora_run / "nowhere")], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 1 and "adapter_config.json" in missing.stderr
