@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(PROG, __doc__)
     parser.add_argument("ckpt", nargs="?", help="checkpoint folder or .gguf file (default: embedded SmolLM2)")
     parser.add_argument("--tokenizer_path", help="tokenizer file or folder (default: beside the checkpoint)")
+    parser.add_argument("--adapter", help="a peft LoRA adapter folder (llama.train's RUN/adapter) to apply unmerged")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: the probability mass kept")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             args.ckpt = cli.run(PROG, default_checkpoint)
         llama = cli.run(
             PROG, Llama.build, args.ckpt, args.tokenizer_path, args.max_seq_len, max_batch_size=1, seed=args.seed,
-            compile=args.compile, quantize=args.quantize,
+            compile=args.compile, quantize=args.quantize, adapter=args.adapter,
         )
         chat(llama, args.system, args.temperature, args.top_p, min(args.max_gen_len, llama.max_seq_len // 2))
     except KeyboardInterrupt:  # while loading, or a second Ctrl-C while stopping a reply

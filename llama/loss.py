@@ -68,18 +68,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         per_token = scale is None
         losses = torch.empty(n, dtype=loss_dtype, device=hidden.device) if per_token else None
         loss = torch.zeros((), dtype=loss_dtype, device=hidden.device)
-        want_grads = not per_token and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        grad_hidden = torch.empty_like(hidden) if want_grads else None
-        grad_weight = _weight_gradient(weight, n) if want_grads else None
+        # a frozen weight (LoRA) or frozen inputs need no gradient: its matmul is skipped
+        want_hidden, want_weight = (not per_token and ctx.needs_input_grad[i] for i in (0, 1))
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = _weight_gradient(weight, n) if want_weight else None
         for start, h, t, logits in _chunks(hidden, weight, targets, chunk_tokens, loss_dtype):
             token_losses = _softmax_cross_entropy_(logits, t, scale or 1.0)
             if per_token:
                 losses[start : start + len(t)] = token_losses
             else:
                 loss += token_losses.sum()
-            if want_grads:
+            if want_hidden or want_weight:
                 grad = logits.to(hidden.dtype)
+            if want_hidden:
                 torch.matmul(grad, weight, out=grad_hidden[start : start + len(t)])
+            if want_weight:
                 grad_weight.addmm_(grad.T, h, beta=float(start > 0))  # the first chunk overwrites the empty memory
         if per_token:
             ctx.save_for_backward(hidden, weight, targets)
@@ -94,16 +97,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # scaled in place: no second (vocab_size, dim) weight gradient; a second backward through the same graph
             # (retain_graph) is refused by autograd's check of the modified saved tensors
             grad_hidden, grad_weight = ctx.saved_tensors
-            return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None
+            scaled = [None if g is None else g.mul_(grad_loss) for g in (grad_hidden, grad_weight)]
+            return *scaled, None, None, None
         hidden, weight, targets = ctx.saved_tensors  # per-token losses: each row's gradient weighs its own loss
         loss_dtype = grad_loss.dtype
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = _weight_gradient(weight, len(targets))
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = _weight_gradient(weight, len(targets)) if want_weight else None
         for start, h, t, logits in _chunks(hidden, weight, targets, ctx.chunk_tokens, loss_dtype):
             _softmax_cross_entropy_(logits, t, 1.0)
             grad = logits.mul_(grad_loss[start : start + len(t), None]).to(hidden.dtype)
-            torch.matmul(grad, weight, out=grad_hidden[start : start + len(t)])
-            grad_weight.addmm_(grad.T, h, beta=float(start > 0))
+            if want_hidden:
+                torch.matmul(grad, weight, out=grad_hidden[start : start + len(t)])
+            if want_weight:
+                grad_weight.addmm_(grad.T, h, beta=float(start > 0))
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -14,3 +14,13 @@ def smollm2_gguf_path():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``real`` (long runs on the real model) run only when asked for: ``pytest -m real``."""
+    if "real" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="a long run on the real model: opt in with pytest -m real")
+    for item in items:
+        if "real" in item.keywords:
+            item.add_marker(skip)

@@ -16,6 +16,7 @@ from llama.generation.engine import Engine, Request
 from llama.generation.sampling import SamplingParams, row_seeds
 from llama.generation.text import cut_at_stop, stable_text, stop_strings
 from llama.model import Transformer
+from llama.transforms.lora import load_adapter
 from llama.transforms.quantize import quantize_weights
 from llama.transforms.tensor_parallel import apply_tensor_parallel, init_tensor_parallel_mesh, local_rank, world_size
 from tokenizer import Dialog, check_fits, encode_dialog
@@ -67,9 +68,12 @@ class Llama:
         compile: bool = False,
         quantize: str | None = None,
         prefill_chunk: int | None = None,
+        adapter: str | Path | None = None,
     ) -> Llama:
         """Load any checkpoint ``llama.checkpoint.load_model`` reads (Meta or HF folder, ``.gguf`` file) and the
         tokenizer beside it (or at ``tokenizer_path``). Defaults: CUDA in bf16 when present, else CPU in fp32.
+        ``adapter``: a peft LoRA adapter folder (``llama.train``'s ``RUN/adapter``, or peft's own) applied to the
+        model unmerged (``llama.transforms.lora``); with ``quantize`` the adapted layers stay in float.
         Under ``torchrun --nproc_per_node N`` with N > 1 the model is split over the N processes by tensor
         parallelism (``llama.transforms.tensor_parallel``); with plain ``python`` or N = 1 no process group is
         created."""
@@ -77,9 +81,12 @@ class Llama:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank())
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if world_size() > 1 and quantize:
-            raise ValueError(f"quantize={quantize!r} cannot be combined with tensor parallelism (torchrun with N > 1)")
+        if world_size() > 1 and (quantize or adapter):
+            what = f"quantize={quantize!r}" if quantize else "an adapter"
+            raise ValueError(f"{what} cannot be combined with tensor parallelism (torchrun with N > 1)")
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, device=device, dtype=dtype)
+        if adapter is not None:
+            load_adapter(model, adapter)
         if world_size() > 1:
             apply_tensor_parallel(model, init_tensor_parallel_mesh(device))
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, compile, quantize, prefill_chunk)

@@ -67,6 +67,7 @@ MODEL_HELP = {
 class DataConfig:
     path: str = ""  # folder written by `python -m llama.prepare`
     seq_len: int = 256  # tokens per training sample (each sample reads seq_len + 1 tokens)
+    overlong: str = "truncate"  # chat data: samples longer than seq_len + 1 tokens are truncated or dropped
 
 
 @dataclass
@@ -120,6 +121,22 @@ class MetricsConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0  # 0: no adapters, every parameter trains (full fine-tuning); >= 1: LoRA of this rank, base frozen
+    alpha: float = 16.0  # the update is scaled by alpha / rank (rsLoRA: alpha / sqrt(rank)), as peft
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # linears that get adapters
+    rslora: bool = False  # rank-stabilised scaling, alpha / sqrt(rank)
+    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
+    base_quantization: str = "none"  # QLoRA: the frozen base stored as none, int8, int4 or nf4
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # preference data: strength of DPO's pull towards the reference model
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +145,8 @@ class Config:
     lr: LRConfig = field(default_factory=LRConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,6 +161,9 @@ CHOICES = {  # for a tuple field: of each of its items
     ("training", "activation_checkpointing"): ("none", "full", "selective"),
     ("lr", "schedule"): ("cosine", "wsd", "constant"),
     ("checkpoint", "allow_changed"): CHANGEABLE,
+    ("data", "overlong"): ("truncate", "drop"),
+    ("lora", "targets"): ("q", "k", "v", "o", "gate", "up", "down"),
+    ("lora", "base_quantization"): ("none", "int8", "int4", "nf4"),
 }
 
 
@@ -173,6 +195,10 @@ RANGES = {
     ("lr", "warmup_steps"): _at_least(0),
     **{("lr", key): _fraction(upper_open=False) for key in ("decay_fraction", "min_lr_ratio")},
     **{("checkpoint", key): _at_least(0) for key in ("interval", "keep")},
+    ("lora", "rank"): _at_least(0),
+    ("lora", "alpha"): _above(0),
+    ("lora", "dropout"): _fraction(upper_open=True),
+    ("dpo", "beta"): _above(0),
 }
 
 

@@ -43,6 +43,7 @@ class ShardIndex:
     vocab_size: int
     fingerprint: str
     splits: dict  # name -> {"files": [{"path", "tokens", "documents"}], "tokens", "documents"}
+    format: str = "tokens"  # tokens (a stream), chat or preference (samples with loss masks: llama.training.packing)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -65,7 +66,8 @@ def read_index(root: str | Path) -> ShardIndex:
         raise ShardError(f"{root} has no {INDEX}: not a complete shard folder (an interrupted `llama.prepare`?)")
     try:
         meta = json.loads(file.read_text())
-        index = ShardIndex(root, np.dtype(meta["dtype"]), meta["vocab_size"], meta["fingerprint"], meta["splits"])
+        index = ShardIndex(root, np.dtype(meta["dtype"]), meta["vocab_size"], meta["fingerprint"], meta["splits"],
+                           meta.get("format", "tokens"))
         _check_index(index)
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors are ValueErrors
         raise ShardError(f"{file} is not a shard index written by `llama.prepare`: {type(e).__name__}: {e}") from None
@@ -79,6 +81,8 @@ def _check_index(index: ShardIndex):
         raise ValueError(f"dtype {index.dtype} is not uint16 or uint32")
     if not (isinstance(index.vocab_size, int) and index.vocab_size > 0 and isinstance(index.fingerprint, str)):
         raise ValueError("expected a positive integer vocab_size and a string fingerprint")
+    if index.format not in ("tokens", "chat", "preference"):
+        raise ValueError(f"format {index.format!r} is not tokens, chat or preference")
     for name, split in index.splits.items():
         for entry in split["files"]:
             path, tokens = entry["path"], entry["tokens"]
@@ -150,6 +154,26 @@ class TokenWindows:
     def batch(self, windows) -> torch.Tensor:
         """(len(windows), seq_len + 1) int64 tokens."""
         return torch.from_numpy(np.stack([self[int(w)] for w in windows]).astype(np.int64))
+
+    def training_batch(self, windows) -> Batch:
+        tokens = self.batch(windows)
+        return Batch(tokens[:, :-1], tokens[:, 1:])
+
+
+@dataclass
+class Batch:
+    """What one forward takes: input ids and target ids (``llama.loss.IGNORE_INDEX`` where nothing is trained),
+    (bs, seq_len) each; for packed samples also their rotary positions and their attention mask (see
+    ``llama.model.Transformer.forward``), None for plain causal windows."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.mask))
 
 
 @lru_cache(maxsize=2)  # a global batch spans at most two epochs

@@ -21,11 +21,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from llama.files import commit, remove_leftovers, temporary_name
 
 STEP_DIR = re.compile(r"step-(\d+)")
+# Only what trains is saved: under LoRA the adapters (the frozen base comes from model.init_from again).
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing, compile: not in state keys
+
+
+def trainable_state(model, model_sd: dict) -> dict:
+    """``model_sd`` less the frozen tensors that ``ignore_frozen_params`` keeps: buffers (a quantised base's)."""
+    names = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            for wrapper in WRAPPERS:
+                name = name.replace(wrapper, "")
+            names.add(name)
+    return {key: value for key, value in model_sd.items() if key in names}
 TRAIN_STATE = "train_state.json"
 
 
@@ -72,7 +86,8 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep: in
         Path(names[0]).mkdir()
     dist.broadcast_object_list(names, src=0)
     tmp = Path(names[0])
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
+    model_sd = trainable_state(model, model_sd)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), tmp / f"rng-rank-{rank}.pt")
     dist.barrier()  # every shard is written before the checkpoint is declared complete
@@ -166,9 +181,11 @@ def load(path: Path, model, optimizer) -> dict:
     rng_file = path / f"rng-rank-{dist.get_rank()}.pt"
     if train_state["world_size"] == dist.get_world_size() and rng_file.is_file():
         load_rng_state(rng_file)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
+    model_sd = trainable_state(model, model_sd)
     check_shapes(path, model_sd)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=path)  # DCP's .metadata is a pickle: the run folder is trusted input (README)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # keys: check_shapes
     return train_state

@@ -10,6 +10,7 @@ model is exported to ``<checkpoint.dir>/final/`` as an HF folder.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -28,13 +29,16 @@ from llama.checkpoint import load_args, load_model, save_hf
 from llama.files import FolderInUseError, folder_lock
 from llama.model import ModelArgs, Transformer
 from llama.training import resume
+from llama.training import dpo
 from llama.training.config import Config, ConfigError, DataConfig, TrainingConfig
 from llama.training.continued import added_token_ids, continue_from, continued_args
 from llama.training.data import GlobalOrder, ShardError, ShardIndex, TokenWindows, rank_slice, read_index
 from llama.training.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
 from llama.training.optim import build_optimizer, build_scheduler
+from llama.training.packing import open_samples
 from llama.training.parallelize import init_distributed, parallelize
 from llama.training.step import evaluate, forward_backward
+from llama.transforms import lora
 from tokenizer import TokenizerNotFoundError, load_tokenizer
 
 
@@ -103,6 +107,8 @@ def run_identity(cfg: Config, args: ModelArgs, index: ShardIndex) -> dict:
         "global_batch_size": cfg.training.global_batch_size,
         "seed": cfg.training.seed,
         "model": asdict(args),
+        "lora": asdict(cfg.lora) if cfg.lora.rank else None,
+        "dpo": asdict(cfg.dpo) if index.format == "preference" else None,
     }
 
 
@@ -117,12 +123,31 @@ def check_batch_sizes(training: TrainingConfig, world: int):
 
 
 def open_splits(index: ShardIndex, data: DataConfig, training: TrainingConfig):
-    """The training windows, and the validation windows when validation is on and the split holds one."""
-    train_windows = TokenWindows(index, "train", data.seq_len)
-    val_windows = None
-    if training.eval_interval > 0 and index.splits.get("val", {}).get("tokens", 0) > data.seq_len:
-        val_windows = TokenWindows(index, "val", data.seq_len)
+    """The training windows, and the validation windows when validation is on and the split holds one: token
+    windows of a text corpus, packed samples of chat data, pairs of preference data (``llama.training.packing``)."""
+    val_tokens = index.splits.get("val", {}).get("tokens", 0)
+    if index.format == "tokens":
+        train_windows = TokenWindows(index, "train", data.seq_len)
+        has_val = val_tokens > data.seq_len
+        open_val = lambda: TokenWindows(index, "val", data.seq_len)  # noqa: E731
+    else:
+        train_windows = open_samples(index, "train", data.seq_len, data.overlong)
+        has_val = index.splits.get("val", {}).get("documents", 0) > 0
+        open_val = lambda: open_samples(index, "val", data.seq_len, data.overlong)  # noqa: E731
+    val_windows = open_val() if training.eval_interval > 0 and has_val else None
     return train_windows, val_windows
+
+
+def check_fine_tuning(cfg: Config, index: ShardIndex):
+    """LoRA needs a model to adapt; a quantised base is LoRA's (QLoRA)."""
+    if cfg.lora.rank and not cfg.model.init_from:
+        raise ConfigError("lora.rank > 0 adapts a trained model: set model.init_from")
+    if cfg.lora.rank and cfg.model.add_tokens:
+        raise ConfigError("model.add_tokens with lora.rank > 0: the new embedding rows would stay frozen at their "
+                          "initial value under LoRA; grow the vocabulary in a full fine-tune first")
+    if cfg.lora.base_quantization != "none" and not cfg.lora.rank:
+        raise ConfigError(f"lora.base_quantization={cfg.lora.base_quantization} freezes a quantised base under "
+                          "LoRA adapters: set lora.rank too")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,18 +156,29 @@ def open_splits(index: ShardIndex, data: DataConfig, training: TrainingConfig):
 
 def build_model(cfg: Config, args: ModelArgs, index: ShardIndex) -> Transformer:
     """The model to train, in fp32: the checkpoint's weights (with the run's changes, ``llama.training.continued``),
-    or a seeded from-scratch init."""
-    if cfg.model.init_from:
-        model = load_model(cfg.model.init_from, dtype=torch.float32)
-        return continue_from(model, args, added_token_ids(index)).train()
-    model = Transformer(args)
-    model.init_weights(seed=cfg.training.seed)
+    or a seeded from-scratch init; under LoRA its frozen base (quantised for QLoRA) with adapters."""
+    if not cfg.model.init_from:
+        model = Transformer(args)
+        model.init_weights(seed=cfg.training.seed)
+        return model
+    model = load_model(cfg.model.init_from, dtype=torch.float32)
+    model = continue_from(model, args, added_token_ids(index)).train()
+    if cfg.lora.rank:
+        add_adapters(model, cfg)
     return model
 
 
-def export(model, args: ModelArgs, index: ShardIndex, run_dir: Path):
+def add_adapters(model: Transformer, cfg: Config) -> Transformer:
+    c = cfg.lora
+    lora.quantize_base(model, c.base_quantization)
+    return lora.apply_lora(model, lora.target_modules(model, c.targets), c.rank, c.alpha, c.dropout, c.rslora, c.dora)
+
+
+def export(model, cfg: Config, args: ModelArgs, index: ShardIndex, run_dir: Path):
     """Gathers the full weights on rank 0 and writes ``<run_dir>/final/`` with the shards' tokenizer, replacing
-    an earlier export atomically."""
+    an earlier export atomically; under LoRA also ``<run_dir>/adapter/`` (``export_lora``)."""
+    if cfg.lora.rank:
+        return export_lora(model, cfg, index, run_dir)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         with torch.device("meta"):
@@ -153,6 +189,24 @@ def export(model, args: ModelArgs, index: ShardIndex, run_dir: Path):
     dist.barrier()
 
 
+def export_lora(model, cfg: Config, index: ShardIndex, run_dir: Path):
+    """``<run_dir>/adapter/`` in peft's layout, and ``<run_dir>/final/``: the adapters merged into the float base
+    of ``model.init_from`` (for QLoRA too: the quantised base was a training-time stand-in for it)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = resume.trainable_state(model, get_model_state_dict(model, options=options))  # the adapters only
+    if dist.get_rank() == 0:
+        base = load_model(cfg.model.init_from, dtype=torch.float32)
+        c = cfg.lora
+        lora.apply_lora(base, lora.target_modules(base, c.targets), c.rank, c.alpha, c.dropout, c.rslora, c.dora)
+        missing, unexpected = base.load_state_dict(state, strict=False)
+        if unexpected or any(".lora_" in name or name.endswith(".magnitude") for name in missing):
+            raise RuntimeError(f"export: adapter state does not fit the model ({unexpected[:3]}, {missing[:3]})")
+        lora.save_adapter(base, run_dir / "adapter", base_model=cfg.model.init_from, replace=True)
+        save_hf(lora.merge_lora(base), run_dir / "final", tokenizer=load_tokenizer(index.tokenizer_path),
+                replace=True)
+    dist.barrier()
+
+
 def train(cfg: Config):
     check_device(cfg.training)
     if cfg.model.init_from:
@@ -160,12 +214,14 @@ def train(cfg: Config):
     index = read_index(os.path.expanduser(cfg.data.path))
     train_windows, val_windows = open_splits(index, cfg.data, cfg.training)
     args = resolve_model_args(cfg, index)
+    check_fine_tuning(cfg, index)
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_batch_sizes(cfg.training, world)
     run_dir = Path(cfg.checkpoint.dir).expanduser()
     run = run_identity(cfg, args, index)
 
     device, mesh = init_distributed(cfg.training.device)
+    report_dropped(train_windows, cfg.data)
     try:
         with hold_run_dir(run_dir):
             checkpoints = resume.complete_checkpoints(run_dir)
@@ -174,6 +230,9 @@ def train(cfg: Config):
             torch.manual_seed(cfg.training.seed)
             model = build_model(cfg, args, index)
             n_params = sum(p.numel() for p in model.parameters())
+            reference = None
+            if index.format == "preference" and not cfg.lora.rank:  # DPO's reference: a frozen copy
+                reference = parallelize(copy.deepcopy(model).requires_grad_(False).eval(), mesh, cfg.training, device)
             model = parallelize(model, mesh, cfg.training, device)
             optimizer = build_optimizer(model, cfg.optimizer)
             scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
@@ -181,15 +240,23 @@ def train(cfg: Config):
             if cfg.checkpoint.export_only:
                 if progress.step == 0:
                     raise FileNotFoundError(f"checkpoint.export_only: no complete checkpoint in {run_dir} to export")
-                export(model, args, index, run_dir)
+                export(model, cfg, args, index, run_dir)
                 return
             run_steps(cfg, model, optimizer, scheduler, progress, train_windows, val_windows, device,
-                      flops_per_token(args, n_params, cfg.data.seq_len), run)
+                      flops_per_token(args, n_params, cfg.data.seq_len), run, reference)
             if cfg.checkpoint.export:
-                export(model, args, index, run_dir)
+                export(model, cfg, args, index, run_dir)
             dist.barrier()  # all ranks finished before the group goes away (avoids a SIGABRT at exit seen with gloo)
     finally:
         dist.destroy_process_group()
+
+
+def report_dropped(windows, data: DataConfig):
+    """Chat samples truncated or left out for their length (``data.overlong``), or for training nothing."""
+    dropped = getattr(windows, "dropped", None)
+    if dist.get_rank() == 0 and dropped and (dropped.truncated or dropped.too_long or dropped.untrained):
+        print(f"chat data at seq_len {data.seq_len}: {dropped.truncated} samples truncated, {dropped.too_long} "
+              f"dropped as too long, {dropped.untrained} dropped with no trained token left", file=sys.stderr)
 
 
 @contextmanager
@@ -219,19 +286,31 @@ def restore(checkpoint: Path, model, optimizer, scheduler) -> Progress:
     return progress
 
 
-def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, train_windows: TokenWindows,
-              val_windows: TokenWindows | None, device, flops: float, run: dict):
+def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, train_windows, val_windows, device,
+              flops: float, run: dict, reference=None):
     """The loop: from ``progress`` to ``training.steps``, logging, validating and checkpointing (with ``run``, what
-    defines the run) as configured."""
+    defines the run) as configured. Preference data trains by DPO against ``reference`` (None under LoRA: the
+    model without its adapters)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     training, run_dir = cfg.training, Path(cfg.checkpoint.dir).expanduser()
     eval_windows = training.eval_batches * training.global_batch_size
 
+    preference = run["dpo"] is not None
+
     def validate() -> dict:
         if val_windows is None:
             return {}
+        if preference:
+            return dpo.evaluate(model, val_windows, eval_windows, training.micro_batch_size, device, cfg.dpo.beta,
+                                reference)
         val_loss = evaluate(model, val_windows, eval_windows, training.micro_batch_size, device)
         return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+
+    def step(windows) -> tuple[float, float, dict]:
+        if preference:
+            return dpo.forward_backward(model, train_windows, windows, training.micro_batch_size, device, max_norm,
+                                        cfg.dpo.beta, reference)
+        return *forward_backward(model, train_windows, windows, training.micro_batch_size, device, max_norm), {}
 
     log = MetricsLog(run_dir, progress.step, cfg.metrics.tensorboard) if rank == 0 else None
     if progress.step == 0 and val_windows is not None:
@@ -248,7 +327,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, trai
         start = time.perf_counter()
         first, count = rank_slice(progress.samples, training.global_batch_size, rank, world)
         windows = order.windows(first, count)
-        loss, grad_norm = forward_backward(model, train_windows, windows, training.micro_batch_size, device, max_norm)
+        loss, grad_norm, extra = step(windows)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             optimizer.step()
@@ -271,7 +350,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, trai
             "tokens_per_s_per_device": tokens_per_step / elapsed / world,
             "mfu": flops * tokens_per_step / elapsed / world / peak if peak else None,
             "peak_memory_gib": peak_memory_gib(device), "skipped": not finite,
-            "skipped_steps": progress.skipped_steps,
+            "skipped_steps": progress.skipped_steps, **extra,
         }
         if cfg.metrics.log_samples:  # the windows each rank really read, in rank order
             gathered = [None] * world

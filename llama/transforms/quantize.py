@@ -48,7 +48,48 @@ def _run_our_kernels(x: torch.Tensor, in_features: int, kernel, dequantize) -> t
     return kernel(flat)
 
 
-class Int8Linear(nn.Module):
+class FrozenQuantizedMatmul(torch.autograd.Function):
+    """``module(x)`` of a frozen quantised linear, differentiable in ``x`` (for LoRA over a quantised base: QLoRA).
+    Backward multiplies by the weight dequantised anew, so no float copy of any weight is kept between forward and
+    backward: the point of a quantised base is its memory."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module.quantized_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight = ctx.module.dequantize().to(grad_out.dtype)  # (out_features, in_features)
+        return grad_out @ weight, None
+
+
+class QuantizedLinear(nn.Module):
+    """What the quantised linears share: a forward that is differentiable in its input when that input needs a
+    gradient, and ``dequantize()``, the float weight the stored one stands for."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return FrozenQuantizedMatmul.apply(x, self)
+        return self.quantized_forward(x)
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """(out_features, in_features) float32. Generic form: the quantised matmul applied to the identity."""
+        eye = torch.eye(self.in_features, device=self.weight.device, dtype=torch.float32)
+        return self.quantized_forward(eye).float().T.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8Linear(QuantizedLinear):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()  # (out_features, in_features)
@@ -66,12 +107,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
             out = _run_our_kernels(
                 x, self.in_features,
                 kernel=lambda flat: torch.ops.llama_one.int8_linear(flat, self.weight, self.scales),
-                dequantize=lambda: self.weight.float() * self.scales[:, None],
+                dequantize=self.dequantize,
             )
         elif x.device.type == "cpu":
             flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
@@ -80,11 +121,12 @@ class Int8Linear(nn.Module):
             return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """Each group of ``group_size`` consecutive input weights of an output row is stored as q in 0..15 with a
     bf16 scale s and zero point z: w = (q - 8) * s + z, the kernels' convention. s spans the group's min..max."""
 
@@ -128,12 +170,12 @@ class Int4Linear(nn.Module):
             return _on_our_cpu_kernels(weight, group_size) or n % 16 == 0
         return weight.device.type == "cuda" and n % 8 == 0 and k % (cls.CUDA_INNER_K_TILES * 16) == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ours:
             out = _run_our_kernels(
                 x, self.in_features,
                 kernel=lambda flat: torch.ops.llama_one.int4_linear(flat, self.weight, self.scales_and_zeros),
-                dequantize=lambda: torch.ops.llama_one.int4_dequantize(self.weight, self.scales_and_zeros),
+                dequantize=self.dequantize,
             )
         else:
             flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
@@ -144,8 +186,14 @@ class Int4Linear(nn.Module):
             out = mm(flat, self.weight, self.group_size, self.scales_and_zeros)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        if self.ours:
+            return torch.ops.llama_one.int4_dequantize(self.weight, self.scales_and_zeros)
+        return super().dequantize()  # PyTorch's packed layouts: through their own matmul
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 @torch.no_grad()

@@ -120,3 +120,14 @@ def test_serve_benchmark_loads_our_server(tmp_path):
         assert row["ttft_p50_ms"] > 0 and row["e2e_p99_ms"] >= row["e2e_p50_ms"] and row["output_tok_s"] > 0
     assert all(r["mean_output_tokens"] == 8 for r in rows[:3])  # exactly the tokens asked for: stops biased away
     assert rows[0]["tpot_over_generate"] > 0 and rows[-1]["warm_over_cold"] > 0
+
+
+def test_finetune_benchmark_matches_peft_loss(tmp_path):
+    result = run_benchmark("bench.finetune", tmp_path, "--sides", "ours,peft")
+    assert result["benchmark"] == "finetune" and result["lora_rank"] == 16
+    ours, peft = result["rows"]
+    assert (ours["side"], peft["side"]) == ("ours", "peft") and peft["tokens_per_s_x_peft"] == 1.0
+    for row in result["rows"]:
+        assert row["tokens_per_s"] > 0 and row["peak_rss_gib"] > row["peak_above_model_gib"] > 0
+    # the same weights, adapters (B = 0) and batch: the same first loss
+    assert ours["first_loss"] == pytest.approx(peft["first_loss"], rel=1e-5)

@@ -197,3 +197,15 @@ def test_all_targets_ignored_mean_is_refused_sum_is_zero_with_zero_gradients(ker
 def test_an_unknown_reduction_is_refused():
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(torch.zeros(2, 8), torch.zeros(16, 8), torch.zeros(2, dtype=torch.long), "max")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_frozen_weight_gets_no_gradient_and_the_hidden_states_theirs(kernels_and_chunks, reduction):
+    """LoRA freezes the output projection: its gradient (a vocabulary-sized matmul) is not computed at all."""
+    hidden, weight, targets = masked_case()
+    weight.requires_grad_(False)
+    grad_output = torch.randn(targets.shape) if reduction == "none" else None
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, targets, reduction, grad_output)
+    expected = loss_and_grads(reference, hidden, weight, targets, reduction, grad_output)
+    assert ours[2] is None
+    torch.testing.assert_close(ours[:2], expected[:2])
