@@ -71,7 +71,7 @@ class Int8Linear(nn.Module):
             out = _run_our_kernels(
                 x, self.in_features,
                 kernel=lambda flat: torch.ops.llama_one.int8_linear(flat, self.weight, self.scales),
-                dequantize=lambda: self.weight.float() * self.scales[:, None],
+                dequantize=self.dequantize,
             )
         elif x.device.type == "cpu":
             flat = _tokens_by_features(x, self.in_features, torch.bfloat16)
@@ -79,6 +79,10 @@ class Int8Linear(nn.Module):
         else:
             return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (out_features, in_features) weight in fp32, as the matmuls use it."""
+        return self.weight.float() * self.scales.float()[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
