@@ -22,6 +22,7 @@ it), so the two give the same log-likelihoods (tested to 1e-4 in fp32).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from llama.model import Transformer
 from tokenizer import check_fits, encode_dialog
 from tokenizer.chat_format import render_template
 
+eval_logger = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).parent / "tasks"  # the local tasks (stdlib_docstring_mc, stdlib_doctest, stdlib_docs)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGIT_ELEMENTS = 1 << 26  # scored logits held at once (256 MB of fp32): bounds a batch of long continuations
@@ -76,6 +78,9 @@ class LlamaOneLM(TemplateLM):
             from llama.checkpoint import load_checkpoint
             from llama.transforms.quantize import quantize_weights
 
+            if device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+                eval_logger.warning("device %s asked for, but CUDA is not available: running on the CPU", device)
+                device = None  # as lm-eval's hf model does (its command line asks for cuda by default)
             device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             if dtype == "auto":
                 dtype = "bfloat16" if device.type == "cuda" else "float32"
