@@ -77,15 +77,16 @@ def perplexity_table(result: dict) -> str:
 def lm_eval(args) -> dict:
     from lm_eval.utils import handle_non_serializable, make_table
 
-    from llama.evaluation.harness import LlamaOneLM, evaluate_tasks
+    from llama.evaluation.harness import LlamaOneLM, evaluate_tasks, task_manager
 
+    manager = task_manager(args.include_path, args.tasks)  # unknown tasks are refused before the model loads
     model, tokenizer = load(args)
     lm = LlamaOneLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                     max_gen_toks=args.max_gen_toks, compile=args.compile, seed=args.seed)
     lm.name = args.ckpt
     start = time.perf_counter()
     results = evaluate_tasks(
-        lm, args.tasks, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+        lm, args.tasks, manager=manager, limit=args.limit, num_fewshot=args.num_fewshot,
         log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
         fewshot_as_multiturn=args.apply_chat_template, gen_kwargs=args.gen_kwargs, random_seed=args.seed,
     )

@@ -317,21 +317,33 @@ def _kv_cache_aside(model: Transformer):
             layer.attention.kv_cache = cache
 
 
-def task_manager(include_path: list[str | os.PathLike] | None = None):
-    """lm-eval's task index with our local tasks (and ``include_path``) added."""
+def task_manager(include_path: list[str | os.PathLike] | None = None, tasks: list[str] = ()):
+    """lm-eval's task index with our local tasks (and ``include_path``) added; refuses ``tasks`` it does not hold
+    (names of tasks, groups or tags, or YAML files)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path or [])])
+    manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path or [])])
+    unknown = [t for t in tasks if t not in manager.task_index and not Path(t).is_file()]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; the local ones are "
+                         f"{', '.join(sorted(_local_tasks()))} (see `lm-eval ls tasks` for lm-eval's own)")
+    return manager
 
 
-def evaluate_tasks(lm: LlamaOneLM, tasks: list[str], *, include_path=None, **options) -> dict:
+def _local_tasks() -> list[str]:
+    return [path.stem for path in TASKS_DIR.glob("*.yaml")]
+
+
+def evaluate_tasks(lm: LlamaOneLM, tasks: list[str], *, include_path=None, manager=None, **options) -> dict:
     """Run lm-eval ``tasks`` on ``lm`` (a ``LlamaOneLM``, e.g. around a trainer's in-memory model:
     ``LlamaOneLM(model=model, tokenizer=tokenizer)``); ``options`` go to ``lm_eval.simple_evaluate`` (limit,
-    num_fewshot, log_samples, apply_chat_template, gen_kwargs, ...). Returns its results dict."""
+    num_fewshot, log_samples, apply_chat_template, gen_kwargs, ...). ``manager``: a ``task_manager`` already built.
+    Returns lm-eval's results dict."""
     from lm_eval import simple_evaluate
 
     options.setdefault("log_samples", False)
-    return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager(include_path), **options)
+    manager = manager or task_manager(include_path, tasks)
+    return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, **options)
 
 
 def lm_eval_cli() -> None:

@@ -76,6 +76,7 @@ class Sample:
     completion: str
     outcome: Outcome | None = None
     raw: str = ""  # the generated text before it was cut or extracted
+    tokens: list[int] = field(default_factory=list)  # the generated tokens
 
 
 @dataclass
@@ -128,7 +129,7 @@ def generate(
             # decoded after the prompt, so that a first token's leading space survives (sentencepiece)
             text = tokenizer.decode(prompts[p] + request.tokens)[len(head) :]
             completion = code_from_reply(text, problem) if chat else cut_at_stop(text, STOP)
-            row.append(Sample(problem["task_id"], completion, raw=text))
+            row.append(Sample(problem["task_id"], completion, raw=text, tokens=request.tokens))
         samples.append(row)
     return samples
 
