@@ -193,7 +193,7 @@ class LlamaOneLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = kwargs.pop("max_gen_toks")
             if max_new >= self.max_length:
-                raise ValueError(f"max_gen_toks {max_new} leaves no room for the context in max_length {self.max_length}")
+                raise ValueError(f"max_gen_toks {max_new} leaves no room for a context in max_length {self.max_length}")
             prompt = (self.tok_encode(context) or [self.prefix_token_id])[-(self.max_length - max_new) :]
             temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
             sampling = SamplingParams(temperature, float(kwargs.get("top_p") or 1.0), int(kwargs.get("top_k") or 0),
@@ -227,7 +227,8 @@ class LlamaOneLM(TemplateLM):
         batch, widest = [], 0
         for row in rows:
             scored = sum(len(requests[i][2]) for i in row[1])
-            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * max(widest, scored) * vocab > LOGIT_ELEMENTS):
+            too_many_logits = (len(batch) + 1) * max(widest, scored) * vocab > LOGIT_ELEMENTS
+            if batch and (len(batch) == self.batch_size or too_many_logits):
                 yield batch
                 batch, widest = [], 0
             batch.append(row)

@@ -92,11 +92,17 @@ class HumanEvalResult:
             rows.append({
                 "task_id": problem["task_id"], "n": len(samples), "correct": correct,
                 **{f"pass@{k}": pass_at_k(len(samples), correct, k) for k in self.pass_at},
-                "samples": [{"completion": s.completion, "status": s.outcome.status, "detail": s.outcome.detail,
-                             "seconds": round(s.outcome.seconds, 3), **({"reply": s.raw} if s.raw != s.completion else {})}
-                            for s in samples],
+                "samples": [_sample_row(s) for s in samples],
             })
         return rows
+
+
+def _sample_row(sample: Sample) -> dict:
+    row = {"completion": sample.completion, "status": sample.outcome.status, "detail": sample.outcome.detail,
+           "seconds": round(sample.outcome.seconds, 3)}
+    if sample.raw != sample.completion:  # what the model wrote before it was cut or its code extracted
+        row["generated"] = sample.raw
+    return row
 
 
 def generate(
@@ -151,5 +157,6 @@ def score(problems: Sequence[dict], samples: list[list[Sample]], ks: Sequence[in
     n = min(len(row) for row in samples)
     result = HumanEvalResult(list(problems), samples)
     for k in sorted({k for k in ks if k <= n}):
-        result.pass_at[k] = float(np.mean([pass_at_k(len(row), sum(s.outcome.passed for s in row), k) for row in samples]))
+        per_problem = [pass_at_k(len(row), sum(s.outcome.passed for s in row), k) for row in samples]
+        result.pass_at[k] = float(np.mean(per_problem))
     return result

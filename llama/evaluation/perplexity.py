@@ -131,7 +131,9 @@ def text_bytes(tokenizer, ids: np.ndarray) -> int:
 
 
 @torch.inference_mode()
-def window_nlls(model: Transformer, windows: Sequence[Window], batch_size: int = 8, progress: bool = False) -> list[float]:
+def window_nlls(
+    model: Transformer, windows: Sequence[Window], batch_size: int = 8, progress: bool = False
+) -> list[float]:
     """Summed NLL (nats) of each window's scored tokens, in the order given. Windows are batched longest first
     (little padding); the loss is the model's chunked per-token cross-entropy, in fp32."""
     if batch_size < 1:

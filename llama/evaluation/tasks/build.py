@@ -15,7 +15,6 @@ with Python 3.11; every line records the version.
 
 from __future__ import annotations
 
-import argparse
 import doctest
 import importlib
 import inspect
@@ -24,6 +23,8 @@ import platform
 import random
 import re
 from pathlib import Path
+
+from llama import cli
 
 TASKS = Path(__file__).parent
 DOCSTRING_MODULES = [
@@ -110,8 +111,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llama.evaluation.tasks.build", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.parser("python -m llama.evaluation.tasks.build", __doc__)
     parser.add_argument("--output", default=str(TASKS / "data"), help="folder for the .jsonl files")
     args = parser.parse_args(argv)
     out = Path(args.output)

@@ -112,6 +112,22 @@ def test_pack_lays_out_context_then_each_continuation():
     assert scored == [2, 3, 2, 2, 4, 5]  # the first token of each is predicted at the context's last position
 
 
+def test_texts_are_encoded_as_the_hf_model_encodes_them():
+    from transformers import AutoTokenizer
+
+    checkpoint = default_checkpoint()
+    ours = LlamaOneLM(pretrained=str(checkpoint))
+    theirs = AutoTokenizer.from_pretrained(checkpoint)
+    for text in ["Question: What is 2+2?\nAnswer:", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+                 " leading space", "naïve ☕"]:
+        assert ours.tok_encode(text) == theirs.encode(text)
+        assert ours.tok_encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+    dialog = [{"role": "user", "content": "Hi"}]
+    expected = theirs.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(dialog) == expected
+    assert ours.prefix_token_id == theirs.bos_token_id and ours.eot_token_id == theirs.eos_token_id
+
+
 def test_llama_one_is_in_lm_evals_registry_beside_its_own_models():
     assert get_model("llama-one") is LlamaOneLM
     assert get_model("hf").__name__ == "HFLM"

@@ -62,7 +62,8 @@ def test_code_is_taken_from_a_chat_reply():
     assert he.code_from_reply("    return a + b", PROBLEM) == "    return a + b"  # no fence: the whole reply
     unfinished = "```python\ndef add(a, b):\n    return a + b"  # the reply ran out of tokens inside the block
     assert he.code_from_reply(unfinished, PROBLEM) == "\ndef add(a, b):\n    return a + b"
-    program = he.program({**PROBLEM, "test": "def check(f):\n    assert f(2, 3) == 5\n"}, he.code_from_reply(full, PROBLEM))
+    problem = {**PROBLEM, "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+    program = he.program(problem, he.code_from_reply(full, PROBLEM))
     exec(program, {})  # the prompt's definition, then the reply's, then the check: valid Python that passes
 
 
