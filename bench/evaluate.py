@@ -7,7 +7,7 @@ same model (SmolLM2-135M-Instruct, fp32), machine and batch size, in the same ru
 
     python -m bench.evaluate                                  # all 164 problems, the three local tasks in full
     python -m bench.evaluate --limit 20 --lm_eval_limit 40    # a shorter run
-    python -m bench.evaluate --quick --output /tmp/r          # 2 problems, 8 tokens, 2 examples (what tests run)
+    python -m bench.evaluate --quick --output /tmp/r          # 1 problem, 8 tokens, 2 examples (what tests run)
 
 Our engine's decode step is compiled for HumanEval (``--compile``; its warm-up is timed apart as ``warmup_s``);
 lm-eval runs eager, so its times hold everything.
@@ -112,7 +112,7 @@ def main(
     """Time HumanEval pass@1 on the first ``limit`` problems and the lm-eval ``tasks`` (comma list;
     ``lm_eval_limit`` examples each, all by default), ours vs the peers, at ``batch_size``."""
     if quick:
-        limit, tasks, lm_eval_limit, max_tokens, compile = 2, "stdlib_docstring_mc", 2, 8, False
+        limit, tasks, lm_eval_limit, max_tokens, compile = 1, "stdlib_docstring_mc", 2, 8, False
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = default_checkpoint()

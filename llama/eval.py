@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="the first K problems only")
     p.add_argument("--chat", action="store_true", help="instruct form: the prompt in a chat message")
     p.add_argument("--max_tokens", type=int, default=512, help="generated tokens per completion at most")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="KV-cache length per slot")
+    p.add_argument("--max_seq_len", type=int, default=1024,
+                   help="KV-cache length per slot: prompt and completion (HumanEval's longest prompt is ~440 tokens)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k for these k (those <= n)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
     p.add_argument("--workers", type=int, help="programs run at once (default: the CPU count)")

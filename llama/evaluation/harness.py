@@ -64,11 +64,10 @@ class LlamaOneLM(TemplateLM):
         compile: bool = False,
         quantize: str | None = None,
         seed: int = 1234,
-        **unused,
     ):
         """Load ``pretrained`` (any checkpoint ``llama.checkpoint`` reads) and its tokenizer (or ``tokenizer``), or
         wrap an in-memory ``model`` and ``tokenizer`` object. ``batch_size``: rows per scoring forward and
-        generation slots ("auto" means the default, 8). ``max_length``: the context (default: the model's).
+        generation slots ("auto" means the default, 8; ``max_batch_size``, for "auto" in lm-eval, is not used). ``max_length``: the context (default: the model's).
         ``compile``: compile the generation engine's decode step; ``quantize``: "int8" or "int4" weights (when
         loading; quantise an in-memory model yourself)."""
         super().__init__()

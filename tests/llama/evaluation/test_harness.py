@@ -27,10 +27,12 @@ TASKS = ["stdlib_docstring_mc", "stdlib_docs", "stdlib_doctest"]
 def both():
     """The same few examples of each local task evaluated by our model and by lm-eval's hf model."""
     checkpoint = str(default_checkpoint())
-    options = dict(tasks=TASKS, task_manager=task_manager(), limit=3, batch_size=2, log_samples=True)
-    # max_length 96: the documents span several rolling windows
-    ours = lm_eval.simple_evaluate(model="llama-one", model_args=f"pretrained={checkpoint},max_length=96", **options)
-    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={checkpoint},dtype=float32,max_length=96",
+    # max_length 64: the documents span several rolling windows; two of the questions and two of the doctest
+    # contexts (the latter get 64 - 32 generated tokens) are longer, so both models cut them on the left
+    samples = {"stdlib_docstring_mc": [0, 126, 173], "stdlib_doctest": [0, 1, 10], "stdlib_docs": [0, 1, 2]}
+    options = dict(tasks=TASKS, task_manager=task_manager(), samples=samples, batch_size=2, log_samples=True)
+    ours = lm_eval.simple_evaluate(model="llama-one", model_args=f"pretrained={checkpoint},max_length=64", **options)
+    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={checkpoint},dtype=float32,max_length=64",
                                  device="cpu", **options)
     return ours, hf
 
@@ -102,6 +104,15 @@ def test_packed_rows_give_each_continuation_the_loglikelihood_of_a_plain_forward
         targets = ids[0, len(context_ids) :]
         assert loglikelihood == pytest.approx(float(logprobs.gather(-1, targets[:, None]).sum()), abs=1e-5)
         assert greedy == bool((logprobs.argmax(-1) == targets).all())
+    # the model's own greedy continuations (as lm-eval hands them over, in tokens): greedy, whatever else is packed
+    context = list(b"The cat")
+    greedy_tokens = []
+    with torch.no_grad():
+        for _ in range(3):
+            greedy_tokens.append(int(model(torch.tensor([context + greedy_tokens]))[0, -1].argmax()))
+    requests = [(("", ""), context, greedy_tokens[:n]) for n in (1, 2, 3)] + [(("", ""), context, [7, 9])]
+    flags = [greedy for _, greedy in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
+    assert flags == [True, True, True, greedy_tokens[:2] == [7, 9]]
 
 
 def test_pack_lays_out_context_then_each_continuation():
