@@ -10,7 +10,7 @@ Python code can ``import llama.evaluation.harness`` before ``lm_eval.simple_eval
 How each request type runs:
 - ``loglikelihood``: requests are grouped by context (after lm-eval's left truncation); each group is one packed
   row, the context followed by every continuation's input tokens, each continuation attending to the context and
-  to itself only (a block mask, rotary positions restarting after the context). A multiple-choice question costs
+  to itself only (a block mask; each continuation's positions go on from the context's end). A question costs
   its context once, not once per choice, and only the scored positions go through the output projection.
 - ``loglikelihood_rolling``: windows of ``max_length`` tokens scored with the chunked per-token loss
   (``llama.evaluation.perplexity``), as lm-eval's rolling windows.
@@ -35,6 +35,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from llama.evaluation.generate import complete
 from llama.evaluation.perplexity import Window, sliding_windows, window_nlls
 from llama.generation import Engine, Request, SamplingParams
 from llama.model import Transformer
@@ -205,10 +206,7 @@ class LlamaOneLM(TemplateLM):
             engine = Engine(self.model, self.tokenizer.stop_ids, min(self.batch_size, len(work)),
                             min(room, self.max_length), decode_text=self.tokenizer.decode, compile=self.compile,
                             seed=self.seed)
-            bar = tqdm(total=len(work), desc="generate_until", disable=disable_tqdm)
-            for _ in engine.run(work):
-                bar.update(sum(r.done for r in work) - bar.n)
-            bar.close()
+            complete(engine, work, "generate_until", progress=not disable_tqdm)
         texts, control = [], set(self.tokenizer.special_tokens.values())
         for request, (context, gen_kwargs) in zip(work, (req.args for req in requests)):
             # the text of control tokens left out, as the hf model decodes

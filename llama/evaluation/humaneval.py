@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from llama.evaluation.generate import complete
 from llama.evaluation.sandbox import Outcome, run_programs
 from llama.generation import Llama, Request, SamplingParams
 from llama.generation.text import cut_at_stop
@@ -123,10 +124,7 @@ def generate(
             request = Request(prompt, sampling)
             llama.engine.check(request, name=f"the prompt of {problem['task_id']}")
             requests.append(request)
-    bar = tqdm(total=len(requests), desc="generating", unit="completion", disable=not progress)
-    for _ in llama.engine.run(requests):
-        bar.update(sum(r.done for r in requests) - bar.n)
-    bar.close()
+    complete(llama.engine, requests, progress=progress)
     samples = []
     for p, problem in enumerate(problems):
         head = tokenizer.decode(prompts[p])

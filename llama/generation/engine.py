@@ -242,7 +242,10 @@ class Engine:
             return
         # the step runs over rows 0..n-1; rows without a pending token are fed a placeholder at their first free
         # position (never attended, overwritten by their next real write)
-        rows = self.slots[: decoding[-1].index + 1]
+        n = decoding[-1].index + 1
+        if self.compiled:  # Dynamo compiles a graph per batch size: a few sizes, not one per count of busy rows
+            n = min(self.max_batch_size, 1 << (n - 1).bit_length())
+        rows = self.slots[:n]
         positions = []
         for slot in rows:
             position = len(slot.cached)

@@ -139,6 +139,15 @@ def test_texts_are_encoded_as_the_hf_model_encodes_them():
     assert ours.prefix_token_id == theirs.bos_token_id and ours.eot_token_id == theirs.eos_token_id
 
 
+def test_quantised_weights_score_close_to_full_precision():
+    checkpoint = str(default_checkpoint())
+    text = "The json module encodes Python objects as JSON text and decodes them back."
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    full = LlamaOneLM(pretrained=checkpoint).loglikelihood_rolling(requests, disable_tqdm=True)[0]
+    int8 = LlamaOneLM(pretrained=checkpoint, quantize="int8").loglikelihood_rolling(requests, disable_tqdm=True)[0]
+    assert int8 != full and int8 == pytest.approx(full, rel=0.05)
+
+
 def test_llama_one_is_in_lm_evals_registry_beside_its_own_models():
     assert get_model("llama-one") is LlamaOneLM
     assert get_model("hf").__name__ == "HFLM"
