@@ -408,9 +408,9 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits (bs, seqlen, vocab_size) in the model's dtype; with ``logits_at`` (bs,) one position per row,
-        (bs, 1, vocab_size) of those positions only: a prefill skips the output projection of the positions it
-        does not sample from. With ``targets``
+        """Logits (bs, seqlen, vocab_size) in the model's dtype; with ``logits_at`` (bs,) one position per row, or
+        (bs, k) k per row, (bs, 1 or k, vocab_size) of those positions only: a prefill skips the output projection
+        of the positions it does not sample from, an evaluation of the positions it does not score. With ``targets``
         (bs, seqlen) next-token ids (``llama.loss.IGNORE_INDEX`` where no loss is wanted): their cross-entropy in
         fp32 instead, ``reduction`` "mean" over the counted tokens, "sum", or "none" (bs, seqlen), computed chunk
         by chunk without ever holding all the logits (``llama.loss``).
@@ -441,10 +441,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos if cached else None, mask, cache_rows)
         if logits_at is not None:
-            h = h[torch.arange(bs, device=h.device), logits_at, None]  # (bs, 1, dim)
+            h = h[torch.arange(bs, device=h.device)[:, None], logits_at.view(bs, -1)]  # (bs, 1 or k, dim)
         h = self.norm(h)
         if targets is not None:
-            weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+            if self.output is None:
+                weight = self.tok_embeddings.weight
+            else:  # an int8 output projection (llama.transforms.quantize) enters the chunked loss dequantised
+                weight = self.output.weight if isinstance(self.output, nn.Linear) else self.output.dequantize()
             return linear_cross_entropy(h, weight, targets, reduction)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)

@@ -131,3 +131,19 @@ def test_finetune_benchmark_matches_peft_loss(tmp_path):
         assert row["tokens_per_s"] > 0 and row["peak_rss_gib"] > row["peak_above_model_gib"] > 0
     # the same weights, adapters (B = 0) and batch: the same first loss
     assert ours["first_loss"] == pytest.approx(peft["first_loss"], rel=1e-5)
+
+
+def test_evaluate_benchmark_compares_with_the_peers(tmp_path):
+    result = run_benchmark("bench.evaluate", tmp_path)
+    assert result["benchmark"] == "evaluate" and result["compile"] is False
+    rows = result["rows"]
+    assert [(r["job"], r["variant"]) for r in rows] == [
+        ("humaneval", "ours"), ("humaneval", "transformers"),
+        ("lm-eval stdlib_docstring_mc", "ours"), ("lm-eval stdlib_docstring_mc", "lm-eval hf"),
+    ]
+    for row in rows:
+        assert row["seconds"] > 0 and row["x_vs_peer"] > 0
+    assert rows[1]["x_vs_peer"] == rows[3]["x_vs_peer"] == 1.0
+    assert rows[0]["metric"] == "pass@1" and rows[0]["execution_s"] > 0
+    assert rows[2]["examples"] == 2 and rows[2]["value"] == rows[3]["value"]  # the same accuracy as lm-eval's hf
+    assert [p["task_id"] for p in result["humaneval_problems"]] == ["HumanEval/0"]

@@ -140,6 +140,9 @@ def test_logits_at_gives_those_positions_logits():
         torch.testing.assert_close(model(tokens, logits_at=torch.tensor([8, 8])), full[:, -1:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(tokens, logits_at=torch.tensor([3, 6])), full[[0, 1], [3, 6], None],
                                    rtol=1e-5, atol=1e-5)
+        several = torch.tensor([[0, 3, 3], [8, 1, 5]])  # k positions per row, in any order, repeats allowed
+        torch.testing.assert_close(model(tokens, logits_at=several), full[torch.arange(2)[:, None], several],
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and llama.model.flash_attn_func is not None),

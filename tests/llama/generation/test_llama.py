@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llama.checkpoint import load_model
-from llama.generation import Llama
+from llama.generation import Llama, Request, SamplingParams
 from llama.model import ModelArgs, Transformer
 from tokenizer import encode_dialog
 
@@ -290,6 +290,15 @@ def test_compiled_decode_gives_the_eager_tokens(quantize, device):
     assert compiled.generate(prompts[:3], max_gen_len=16, temperature=0)[0] == expected[:3]
     assert counters["stats"]["unique_graphs"] == graphs and compiled.engine.buckets == [1, 2, 4]
     assert counters["inductor"]["cudagraph_skips"] == cudagraph_skips  # on CUDA, the step ran as CUDA graphs
+    # rows that finish one by one (the last slot first) leave 3, then 2, then 1 busy rows: the step runs over 4, 2
+    # and 1 rows, batch sizes it already has graphs for (or one more: 2), not one per count of busy rows
+    graphs = counters["stats"]["unique_graphs"]
+    lengths = [16, 12, 8, 4]
+    assert compiled.generate(prompts, max_gen_len=16, temperature=0)[0] == expected
+    ragged = [compiled.generate([p], max_gen_len=n, temperature=0)[0][0] for p, n in zip(prompts, lengths)]
+    requests = [Request(p, SamplingParams(temperature=0, max_tokens=n)) for p, n in zip(prompts, lengths)]
+    assert [r.tokens for r in compiled.complete(requests)] == ragged
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
 
 
 def test_compiled_models_in_one_process_keep_their_own_graphs():
