@@ -111,7 +111,9 @@ def shard_windows(tokenizer, root: str | Path, split: str, max_length: int, stri
             "(fingerprints differ); prepare the data with the model's tokenizer"
         )
     windows, n_bytes = [], 0
-    for stream in open_split(index, split):
+    for shard in open_split(index, split):
+        with shard.file:  # read whole: windows are slices of it
+            stream = np.fromfile(shard.file, dtype=index.dtype, count=shard.tokens)
         windows += sliding_windows(stream, max_length, stride)
         n_bytes += text_bytes(tokenizer, stream[1:])
     return windows, n_bytes, index.splits[split]["documents"]
