@@ -8,10 +8,12 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -95,3 +97,24 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return "-" if value is None else str(value)
+
+
+def linear_matmul_floor_s(model, tokens: int, dtype: torch.dtype, device: torch.device, frozen: bool = False) -> float:
+    """Seconds one training step's linear-layer matmuls take on their own: for each weight (out, in), the forward
+    x @ W.T, the input's gradient g @ W and, unless the weights are ``frozen`` (LoRA's base), the weight's gradient
+    g.T @ x over ``tokens`` rows (best of 3). A step takes at least this long with these matmuls."""
+    shapes = Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if model.output is None:  # tied: the output projection multiplies by the embedding
+        shapes[tuple(model.tok_embeddings.weight.shape)] += 1
+    total = 0.0
+    for (out_features, in_features), count in shapes.items():
+        x = torch.randn(tokens, in_features, dtype=dtype, device=device)
+        weight = torch.randn(out_features, in_features, dtype=dtype, device=device)
+        grad = torch.randn(tokens, out_features, dtype=dtype, device=device)
+        if frozen:
+            matmuls = lambda: (F.linear(x, weight), grad @ weight)  # noqa: E731
+        else:
+            matmuls = lambda: (F.linear(x, weight), grad @ weight, grad.t() @ x)  # noqa: E731
+        matmuls()
+        total += count * min(timed(matmuls, device) for _ in range(3))
+    return total

@@ -11,7 +11,9 @@ adapters (alpha 32, every linear of the blocks: q, k, v, o, gate, up, down; no d
 ``steps`` steps of forward, fp32 cross-entropy, backward, clipping and AdamW over the adapters, on windows of real
 text (the standard library's source, tokenized by the model's tokenizer). Reported per side: the median step time
 over all rounds, tokens/s, the process's peak RSS and its peak above the loaded model. All start from the same
-weights with B = 0, so their first losses agree: a check that they compute the same thing.
+weights with B = 0, so their first losses agree: a check that they compute the same thing. Last, the step's frozen linear
+matmuls are timed on their own (``linear_matmul_floor_s``: forward and input gradient of every base weight): peft's
+step ÷ that floor (``max_x_vs_peft``) bounds what any loop on the same matmul library could gain over peft.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from bench.common import print_table, write_result
+from bench.common import linear_matmul_floor_s, print_table, write_result
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -143,6 +145,8 @@ def main(quick: bool = False, batch: int = 1, seq_len: int = 512, warmup: int = 
     sides = sides.split(",") if isinstance(sides, str) else list(sides)
     if not set(sides) <= set(SIDES) or sides[-1] != "peft":
         raise ValueError(f"--sides {sides}: expected some of {list(SIDES)}, ending with peft (the reference)")
+    from llama.checkpoint import load_model
+
     with tempfile.TemporaryDirectory() as tmp:
         if quick:
             folder, seq_len, steps, rounds = quick_checkpoint(Path(tmp) / "tiny"), 64, 2, 1
@@ -158,6 +162,9 @@ def main(quick: bool = False, batch: int = 1, seq_len: int = 512, warmup: int = 
                            f"--threads={threads}"]
                 result = subprocess.run(command, capture_output=True, text=True, check=True)
                 runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
+        torch.set_num_threads(threads)
+        base = load_model(folder, dtype=torch.float32)
+        floor_s = linear_matmul_floor_s(base, batch * seq_len, torch.float32, torch.device("cpu"), frozen=True)
     rows = []
     for side, results in runs.items():
         step_s = statistics.median(s for r in results for s in r["step_s"])
@@ -177,7 +184,10 @@ def main(quick: bool = False, batch: int = 1, seq_len: int = 512, warmup: int = 
                        "peak_rss_x_peft", "peak_above_model_gib", "peak_above_model_x_peft", "first_loss", "last_loss"])
     path = write_result("finetune", torch.device("cpu"), rows, out_dir=output, model=str(folder), lora_rank=RANK,
                         lora_alpha=ALPHA, lora_targets=list(TARGETS), rounds=rounds, steps_per_round=steps,
-                        threads=threads)
+                        threads=threads, linear_matmul_floor_s=floor_s,
+                        max_x_vs_peft=theirs["step_s"] / floor_s)
+    print(f"the step's frozen linear matmuls alone take {floor_s:.3g} s here: a loop on the same matmuls could reach "
+          f"at most {theirs['step_s'] / floor_s:.2f}x peft's tokens/s")
     print(f"wrote {path}")
 
 

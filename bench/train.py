@@ -21,7 +21,6 @@ import copy
 import gc
 import statistics
 import tempfile
-from collections import Counter
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bench.common import print_table, timed, timed_in_turns, write_result
+from bench.common import linear_matmul_floor_s, print_table, timed, timed_in_turns, write_result
 from llama.checkpoint import load_model, save_hf
 from llama.model import ModelArgs, Transformer
 from llama.training.config import Config
@@ -93,23 +92,6 @@ def training_step(loss_on_tokens, model, optimizer, cfg: Config, autocast=nullco
         return loss.item()
 
     return step
-
-
-def linear_matmul_floor_s(model: Transformer, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
-    """Seconds one training step's linear-layer matmuls take on their own: for each weight (out, in), the forward
-    x @ W.T, the input's gradient g @ W and the weight's gradient g.T @ x over ``tokens`` rows (best of 3)."""
-    shapes = Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
-    if model.output is None:  # tied: the output projection multiplies by the embedding
-        shapes[tuple(model.tok_embeddings.weight.shape)] += 1
-    total = 0.0
-    for (out_features, in_features), count in shapes.items():
-        x = torch.randn(tokens, in_features, dtype=dtype, device=device)
-        weight = torch.randn(out_features, in_features, dtype=dtype, device=device)
-        grad = torch.randn(tokens, out_features, dtype=dtype, device=device)
-        matmuls = lambda: (F.linear(x, weight), grad @ weight, grad.t() @ x)  # noqa: E731
-        matmuls()
-        total += count * min(timed(matmuls, device) for _ in range(3))
-    return total
 
 
 def make_step(variant: str, folder: Path, cfg: Config, device: torch.device, mesh):
