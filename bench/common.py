@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -118,3 +119,15 @@ def linear_matmul_floor_s(model, tokens: int, dtype: torch.dtype, device: torch.
         matmuls()
         total += count * min(timed(matmuls, device) for _ in range(3))
     return total
+
+
+def real_text(min_chars: int) -> str:
+    """Text of the Python standard library's modules, in a fixed order, at least ``min_chars`` long."""
+    parts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(errors="replace")
+        parts.append(text)
+        size += len(text)
+        if size >= min_chars:
+            break
+    return "\n".join(parts)

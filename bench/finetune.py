@@ -23,7 +23,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from bench.common import linear_matmul_floor_s, print_table, write_result
+from bench.common import linear_matmul_floor_s, print_table, real_text, write_result
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,15 +51,9 @@ def text_batches(folder: Path, count: int, batch: int, seq_len: int) -> list[tor
     """``count`` batches of (batch, seq_len + 1) consecutive token windows of stdlib source."""
     from tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(folder)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    ids: list[int] = []
-    for file in sorted(stdlib.glob("*.py")):
-        ids += tokenizer.encode(file.read_text(errors="replace"))
-        if len(ids) > count * batch * (seq_len + 1):
-            break
-    windows = torch.tensor(ids[: count * batch * (seq_len + 1)]).view(count, batch, seq_len + 1)
-    return list(windows)
+    needed = count * batch * (seq_len + 1)
+    ids = load_tokenizer(folder).encode(real_text(8 * needed))  # a token holds fewer than 8 characters of code
+    return list(torch.tensor(ids[:needed]).view(count, batch, seq_len + 1))
 
 
 def our_step(folder: Path, compile: bool = False):

@@ -23,7 +23,7 @@ from pathlib import Path
 import fire
 import torch
 
-from bench.common import memory_bandwidth, print_table, timed, timed_in_turns, write_result
+from bench.common import memory_bandwidth, print_table, real_text, timed, timed_in_turns, write_result
 from llama.checkpoint import save_hf
 from llama.checkpoint.embedded import default_checkpoint, smollm2_gguf
 from llama.generation import Llama
@@ -207,10 +207,13 @@ def main(
     threads: int = 2,
     device: str | None = None,
     models: str | tuple | None = None,
+    prompt_tokens: int | None = None,
     output: str | None = None,
 ):
     """Benchmark and write ``generate-<device>-<time>.json`` into ``output`` (default bench/results/).
-    ``models``: on GPU, some of the random-weight shapes (default all; one at a time fits a 10-minute slot)."""
+    ``models``: on GPU, some of the random-weight shapes (default all; one at a time fits a 10-minute slot).
+    ``prompt_tokens``: a prompt of that many tokens (of the standard library's source on SmolLM2, random ids on
+    random models) instead of the default 36-token sentence: the prefill (TTFT) of long prompts."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = models.split(",") if isinstance(models, str) else list(models or SHAPES)
     if unknown := [m for m in models if m not in SHAPES]:
@@ -228,8 +231,9 @@ def main(
     smollm2 = default_checkpoint()
     smollm2_tokenizer = load_tokenizer(smollm2)
     # Random models get random prompt ids (ordinary tokens, above the special ones); SmolLM2 a real text.
-    random_prompt = torch.randint(100, smollm2_tokenizer.vocab_size, (40,),
+    random_prompt = torch.randint(100, smollm2_tokenizer.vocab_size, (prompt_tokens or 40,),
                                   generator=torch.Generator().manual_seed(0)).tolist()
+    text_prompt = smollm2_tokenizer.encode(real_text(8 * prompt_tokens))[:prompt_tokens] if prompt_tokens else None
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +248,7 @@ def main(
                 folder = random_checkpoint(source, Path(tmp) / name, smollm2_tokenizer, dtype, device)
                 prompt, gguf = random_prompt, None
             else:  # SmolLM2: the fp32 folder converted from its GGUF file, which llama.cpp reads
-                folder, prompt, gguf = source, smollm2_tokenizer.encode(PROMPT), smollm2_gguf()
+                folder, prompt, gguf = source, text_prompt or smollm2_tokenizer.encode(PROMPT), smollm2_gguf()
             rows += bench_checkpoint(name, folder, dtype, device, prompt, gen_tokens, batch_sizes, variants,
                                      repeats, bandwidth, gguf)
 

@@ -30,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -41,7 +40,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.common import print_table, timed, write_result
+from bench.common import print_table, real_text, timed, write_result
 from llama.checkpoint.embedded import default_checkpoint, smollm2_gguf
 from llama.generation import Request, SamplingParams
 from tokenizer import load_tokenizer
@@ -50,18 +49,6 @@ HOST = "127.0.0.1"  # loopback only
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-
-
-def real_text(min_chars: int) -> str:
-    """Text of the Python standard library's modules, in a fixed order, at least ``min_chars`` long."""
-    parts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        text = path.read_text(errors="replace")
-        parts.append(text)
-        size += len(text)
-        if size >= min_chars:
-            break
-    return "\n".join(parts)
 
 
 def text_windows(tokenizer, n: int, tokens: int, rng: random.Random) -> list[str]:
