@@ -116,6 +116,7 @@ def our_generator(folder: Path, dtype, device, max_seq_len: int, max_batch_size:
                       compile=compile, quantize=quantize)
 
     def generate(prompts: list[list[int]], n: int) -> int:
+        llm.engine.reset()  # no prefix kept from the run before: each run prefills the whole prompt, as the peers do
         tokens, _ = llm.generate(prompts, max_gen_len=n, temperature=0)
         return max(len(t) for t in tokens)
 

@@ -11,6 +11,7 @@ refused with a message that says so.
 import fire
 
 from llama import Llama
+from llama.generation import SamplingParams
 
 
 def main(
@@ -25,6 +26,7 @@ def main(
     compile: bool = False,
     quantize: str | None = None,
 ):
+    SamplingParams(temperature, top_p, max_tokens=max_gen_len).check()  # before the model loads
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,

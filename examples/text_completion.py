@@ -7,6 +7,7 @@
 import fire
 
 from llama import Llama
+from llama.generation import SamplingParams
 from llama.checkpoint.embedded import default_checkpoint
 
 
@@ -21,6 +22,7 @@ def main(
     compile: bool = False,
     quantize: str | None = None,
 ):
+    SamplingParams(temperature, top_p, max_tokens=max_gen_len).check()  # before the model loads
     generator = Llama.build(
         ckpt_dir=ckpt_dir or default_checkpoint(),
         tokenizer_path=tokenizer_path,

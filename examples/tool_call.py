@@ -15,6 +15,7 @@ import json
 import fire
 
 from llama import Llama
+from llama.generation import SamplingParams
 from llama.checkpoint.embedded import default_checkpoint
 from tokenizer import chat_format
 from tokenizer.tools import custom_tools_preamble, render_tool_call
@@ -57,6 +58,7 @@ def main(
     max_gen_len: int = 64,
     question: str = "What is the temperature in Paris, France right now?",
 ):
+    SamplingParams(temperature, top_p, max_tokens=max_gen_len).check()  # before the model loads
     generator = Llama.build(ckpt_dir=ckpt_dir or default_checkpoint(), tokenizer_path=tokenizer_path,
                             max_seq_len=max_seq_len, max_batch_size=1)
     template = generator.tokenizer.chat_template

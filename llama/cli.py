@@ -12,11 +12,19 @@ from collections.abc import Callable
 USER_ERRORS = (ValueError, OSError, ImportError)  # bad input, unreadable files, a missing extra: the message says which
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A command's parser: ``doc`` (its module docstring) up to the first blank line describes it."""
     return argparse.ArgumentParser(
-        prog=prog, description=doc.split("\n\n")[0], allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=doc.split("\n\n")[0], allow_abbrev=False, formatter_class=HelpFormatter,
     )
 
 

@@ -18,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("llama", "tokenizer")
-WINGS = ("llama.checkpoint", "llama.generation", "llama.training", "llama.transforms")
+WINGS = (
+    "llama.checkpoint", "llama.generation", "llama.training", "llama.transforms", "llama.serving", "llama.evaluation",
+)
 CORE = ("llama.model", "llama.loss")  # may import llama.kernels: the kernels the core itself calls
 
 

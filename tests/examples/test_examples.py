@@ -48,3 +48,11 @@ def test_infilling_refuses_a_vocabulary_without_fim_tokens():
     cmd = [sys.executable, EXAMPLES / "infilling.py", "--ckpt_dir", default_checkpoint()]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "has no fill-in-the-middle tokens" in out.stderr
+
+
+@pytest.mark.parametrize("example", ["text_completion.py", "chat_completion.py", "infilling.py", "tool_call.py"])
+def test_sampling_settings_are_refused_before_the_model_loads(example, tmp_path):
+    """A NaN temperature is named, not met after loading (the checkpoint given does not even exist)."""
+    cmd = [sys.executable, EXAMPLES / example, "--ckpt_dir", tmp_path / "nowhere", "--temperature", "nan"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "temperature must be a finite number" in out.stderr, out.stderr[-1000:]

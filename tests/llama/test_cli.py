@@ -8,12 +8,16 @@ there is an exception other than ``SystemExit`` here."""
 
 import dataclasses
 import importlib
+import re
 import subprocess
 import sys
 
 import pytest
 
-COMMANDS = ["llama.train", "llama.prepare", "llama.convert", "llama.chat", "llama.plot", "tokenizer.train"]
+COMMANDS = [
+    "llama.train", "llama.prepare", "llama.convert", "llama.chat", "llama.plot", "llama.serve", "llama.eval",
+    "tokenizer.train",
+]
 
 # Options each command's help must name, with a default where the command has one.
 HELP_NAMES = {
@@ -30,6 +34,8 @@ HELP_NAMES = {
         "--compile", "--quantize {int8,int4}",
     ],
     "llama.plot": ["run_dir"],
+    "llama.serve": ["ckpt", "--host", "--port", "--api-key", "--max-batch-size", "--max-seq-len", "--quantize {int8,int4}"],
+    "llama.eval": ["perplexity", "lm-eval", "humaneval"],
     "tokenizer.train": ["--input", "--vocab_size", "--output", "--max_sentences", "--exclude"],
 }
 
@@ -43,6 +49,9 @@ HELP_DEFAULTS = {
     "llama.convert": [("--format", "(default: hf)")],
     "llama.chat": [("--temperature", "(default: 0.6)"), ("--max_gen_len", "(default: 512)")],
     "llama.plot": [],
+    "llama.serve": [("--host", "(default: 127.0.0.1)"), ("--max-batch-size", "(default: 8)"),
+                    ("ckpt", "(default: embedded SmolLM2)")],
+    "llama.eval": [],
     "tokenizer.train": [("--max_sentences", "(default: 2000000)")],
 }
 
@@ -53,6 +62,8 @@ BAD_OPTION = {
     "llama.convert": ["src", "dst", "--stepz", "3"],
     "llama.chat": ["--stepz", "3"],
     "llama.plot": ["run", "--stepz", "3"],
+    "llama.serve": ["--stepz", "3"],
+    "llama.eval": ["humaneval", "--stepz", "3"],
     "tokenizer.train": ["--input", "x", "--vocab_size", "300", "--output", "o", "--stepz", "3"],
 }
 
@@ -100,6 +111,7 @@ def test_help_gives_each_option_its_default(helps, command):
     help_text = helps[command].stdout
     for option, default in HELP_DEFAULTS[command]:
         assert option_entry(help_text, option).endswith(default), option_entry(help_text, option)
+    assert not re.search(r"\(default: [^)]*\) \(default: ", " ".join(help_text.split())), "a default given twice"
 
 
 def test_train_help_lists_every_key_of_every_section(helps):
