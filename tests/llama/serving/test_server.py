@@ -453,11 +453,14 @@ BAD = [
      "tools[0].function.strict"),
     (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "x": 1}}]}, 400,
      "tools[0].function.x"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}] * 2}, 400,
+     "tools[1].function.name"),
     (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
     (CHAT, {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/tokenize", {}, 400, "prompt"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "tools": []}, 400, "tools"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/v1/nothing", {}, 404, None),
 ]
@@ -667,17 +670,19 @@ FIM_CASES = [("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"), ("", " +
 
 @pytest.fixture(scope="module")
 def fim_server(fim_tokenizers):
-    """A tiny random model over a vocabulary with Code Llama's FIM pieces, EOT's output row made twice that of the
-    third token the first case's middle would hold (so it stops there), and ``Llama`` on a copy of it."""
+    """A tiny random model over a vocabulary with Code Llama's FIM pieces, EOT's output row made twice that of a
+    token only the first case's middle holds (so it stops at EOT), and ``Llama`` on a copy of it."""
     _, tokenizer = fim_tokenizers
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
                                   multiple_of=32, max_seq_len=128))
-    model.init_weights(std=0.3, seed=1)
+    model.init_weights(std=0.3, seed=0)
     reference = Llama(copy.deepcopy(model), tokenizer, max_seq_len=128, max_batch_size=1)
-    free = reference.generate([infilling_prompt(tokenizer, *FIM_CASES[0])], max_gen_len=12, temperature=0)[0][0]
-    with torch.no_grad():
+    free = [reference.generate([infilling_prompt(tokenizer, *case)], max_gen_len=12, temperature=0)[0][0]
+            for case in FIM_CASES]
+    only_first = next(t for t in free[0][1:] if all(t not in middle for middle in free[1:]))
+    with torch.no_grad():  # the output layer only: the reference's cached keys and values stay valid
         for copy_of in (model, reference.model):
-            copy_of.output.weight[fim_tokens(tokenizer).end] = 2 * copy_of.output.weight[free[2]]
+            copy_of.output.weight[fim_tokens(tokenizer).end] = 2 * copy_of.output.weight[only_first]
     with running_server(Llama(model, tokenizer, max_seq_len=128, max_batch_size=2)) as (url, _):
         yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), reference, tokenizer
 
@@ -701,13 +706,13 @@ def test_suffix_fills_in_the_middle_as_text_infilling(fim_server):
 
 
 def test_an_infilled_middle_keeps_its_leading_space(fim_server):
-    """The middle is decoded as a continuation: a first piece "▁return" reads " return" (sentencepiece's decode
+    """The middle is decoded as a continuation: a first piece "▁self" reads " self" (sentencepiece's decode
     would drop the space)."""
     client, _, tokenizer = fim_server
-    (piece,) = tokenizer.encode_infill(" return")
+    (piece,) = tokenizer.encode_infill(" self")
     result = client.completions.create(model="tiny", prompt="def f(x):\n   ", suffix=" x\n", max_tokens=2,
                                        temperature=0, logit_bias={str(piece): 100})
-    assert result.choices[0].text == tokenizer.decode_infill([piece, piece]) == " return return"
+    assert result.choices[0].text == tokenizer.decode_infill([piece, piece]) == " self self"
 
 
 def test_suffix_is_refused_without_fim_tokens_or_with_token_prompts(server, fim_server):
@@ -724,12 +729,15 @@ def test_suffix_is_refused_without_fim_tokens_or_with_token_prompts(server, fim_
 # ------------------------------------------------------------------------------------------------ tool calls
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+WRAP = {"type": "function", "function": {
+    "name": "wrap", "description": "Wrap the text at a width",
+    "parameters": {"type": "object", "properties": {"width": {"type": "string"}}, "required": ["width"]},
 }}
-QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
-CALL_TEXT = '{"name": "get_weather", "parameters": {"city": "Paris"}}'  # Llama 3.1's custom call
+QUESTION = [{"role": "user", "content": "Wrap this text at 70 columns."}]
+JSON_CALL = '{"name": "wrap", "parameters": {"width": "70"}}'  # Llama 3.1's custom call
+# What the chain model writes: Llama 3.1's built-in call syntax, which the parser reads for any tool (a JSON call
+# would need the same token twice, a quote, which a chain model cannot write)
+CALL_TEXT = '<|python_tag|>wrap.call(width= "70")'
 
 
 def distinct_spelling(tokenizer, text: str) -> list[int]:
@@ -757,44 +765,44 @@ def tools_server(llama3_tokenizer, chain_model):
     tokenizer = llama3_tokenizer
     header_end = encode_dialog(tokenizer, QUESTION)[-1]  # every prompt ends with the assistant header's "\n\n"
     call = distinct_spelling(tokenizer, CALL_TEXT)
-    model = chain_model(tokenizer, [header_end, *call, tokenizer.special_tokens["<|eom_id|>"]], max_seq_len=512)
-    reference = Llama(copy.deepcopy(model), tokenizer, max_seq_len=512, max_batch_size=1)
-    with running_server(Llama(model, tokenizer, max_seq_len=512, max_batch_size=2)) as (url, _):
+    model = chain_model(tokenizer, [header_end, *call, tokenizer.special_tokens["<|eom_id|>"]], max_seq_len=1024)
+    reference = Llama(copy.deepcopy(model), tokenizer, max_seq_len=1024, max_batch_size=1)
+    with running_server(Llama(model, tokenizer, max_seq_len=1024, max_batch_size=2)) as (url, _):
         yield url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), reference, tokenizer
 
 
 def test_a_tool_call_comes_back_in_openais_shape_as_chat_completion_reads_it(tools_server):
     url, client, reference, tokenizer = tools_server
-    expected = reference.chat_completion([QUESTION], temperature=0, max_gen_len=40, tools=[WEATHER])[0]["generation"]
-    assert expected["tool_calls"] == [{"type": "function", "function": {"name": "get_weather",
-                                                                        "arguments": {"city": "Paris"}}}]
-    result = client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER], max_tokens=40,
+    expected = reference.chat_completion([QUESTION], temperature=0, max_gen_len=40, tools=[WRAP])[0]["generation"]
+    assert expected["tool_calls"] == [{"type": "function", "function": {"name": "wrap",
+                                                                        "arguments": {"width": "70"}}}]
+    result = client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WRAP], max_tokens=40,
                                             temperature=0)
     choice = result.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
-    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "wrap"
+    assert json.loads(call.function.arguments) == {"width": "70"}
     # the prompt is the one chat_completion builds: Llama 3.1's tool-use layout, the schema as sent
-    prompt = encode_dialog(tokenizer, QUESTION, tools=[WEATHER])
-    assert post(url, "/tokenize", {"messages": QUESTION, "tools": [WEATHER]}, key=None).json()["tokens"] == prompt
+    prompt = encode_dialog(tokenizer, QUESTION, tools=[WRAP])
+    assert post(url, "/tokenize", {"messages": QUESTION, "tools": [WRAP]}, key=None).json()["tokens"] == prompt
     assert result.usage.prompt_tokens == len(prompt)
     assert result.usage.completion_tokens == len(distinct_spelling(tokenizer, CALL_TEXT))
     # the reply and the tool's result go back as the README shows: the history is Llama 3.1's ipython turn
     history = QUESTION + [choice.message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 22}'}]
-    again = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=40,
+    again = client.chat.completions.create(model="tiny", messages=history, tools=[WRAP], max_tokens=40,
                                            temperature=0)
     dialog = QUESTION + [expected, {"role": "ipython", "content": '{"temperature": 22}'}]
-    assert again.usage.prompt_tokens == len(encode_dialog(tokenizer, dialog, tools=[WEATHER]))
+    assert again.usage.prompt_tokens == len(encode_dialog(tokenizer, dialog, tools=[WRAP]))
 
-    chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER], max_tokens=40,
+    chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WRAP], max_tokens=40,
                                                  temperature=0, stream=True))
     deltas = [c.choices[0].delta for c in chunks]
     assert deltas[0].role == "assistant" and not any(d.content for d in deltas)
     (streamed,) = [call for d in deltas for call in d.tool_calls or ()]
-    assert streamed.index == 0 and streamed.function.name == "get_weather" and streamed.id.startswith("call_")
-    assert json.loads(streamed.function.arguments) == {"city": "Paris"}
+    assert streamed.index == 0 and streamed.function.name == "wrap" and streamed.id.startswith("call_")
+    assert json.loads(streamed.function.arguments) == {"width": "70"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -803,14 +811,14 @@ def test_without_an_offered_call_the_answer_is_content(tools_server):
     stays text."""
     url, client, _, tokenizer = tools_server
     other = {"type": "function", "function": {"name": "get_time"}}
-    for tools, choice, prompt in [([WEATHER], "none", encode_dialog(tokenizer, QUESTION)),
+    for tools, choice, prompt in [([WRAP], "none", encode_dialog(tokenizer, QUESTION)),
                                   ([other], "auto", encode_dialog(tokenizer, QUESTION, tools=[other]))]:
         options = dict(model="tiny", messages=QUESTION, tools=tools, tool_choice=choice, max_tokens=40, temperature=0)
         result = client.chat.completions.create(**options)
         assert result.choices[0].message.content == CALL_TEXT and result.choices[0].message.tool_calls is None
         assert result.choices[0].finish_reason == "stop" and result.usage.prompt_tokens == len(prompt)
         chunks = list(client.chat.completions.create(stream=True, **options))
-        contents = [c.choices[0].delta.content for c in chunks]
+        contents = [c.choices[0].delta.content or "" for c in chunks]
         assert "".join(contents) == CALL_TEXT and chunks[-1].choices[0].finish_reason == "stop"
         if choice == "auto":
             assert contents == ["", CALL_TEXT]  # with tools offered the answer is sent once known not to be a call
@@ -820,28 +828,28 @@ def test_a_call_and_its_result_in_the_history_are_rendered_as_llama_31s(tools_se
     url, client, _, tokenizer = tools_server
     history = QUESTION + [
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            {"id": "call_7", "type": "function", "function": {"name": "wrap", "arguments": '{"width": "70"}'}}
         ]},
         {"role": "tool", "tool_call_id": "call_7", "content": '{"temperature": 22}'},
     ]
-    ids = post(url, "/tokenize", {"messages": history, "tools": [WEATHER]}, key=None).json()["tokens"]
-    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    ids = post(url, "/tokenize", {"messages": history, "tools": [WRAP]}, key=None).json()["tokens"]
+    call = {"type": "function", "function": {"name": "wrap", "arguments": {"width": "70"}}}
     dialog = QUESTION + [{"role": "assistant", "content": None, "tool_calls": [call]},
                          {"role": "ipython", "content": '{"temperature": 22}'}]
-    assert ids == encode_dialog(tokenizer, dialog, tools=[WEATHER])
-    question = encode_dialog(tokenizer, QUESTION, tools=[WEATHER])
+    assert ids == encode_dialog(tokenizer, dialog, tools=[WRAP])
+    question = encode_dialog(tokenizer, QUESTION, tools=[WRAP])
     assert tokenizer.decode(ids[len(question):]) == (
-        f"{CALL_TEXT}<|eom_id|><|start_header_id|>ipython<|end_header_id|>\n\n"
+        f"{JSON_CALL}<|eom_id|><|start_header_id|>ipython<|end_header_id|>\n\n"
         '{"temperature": 22}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
     )
-    result = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=40,
+    result = client.chat.completions.create(model="tiny", messages=history, tools=[WRAP], max_tokens=40,
                                             temperature=0)
     assert result.usage.prompt_tokens == len(ids)
 
 
 def bad_history(call: dict | None = None, result: dict | None = None, calls: int = 1) -> list[dict]:
     assistant_call = {"id": "call_7", "type": "function",
-                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}', **(call or {})}}
+                      "function": {"name": "wrap", "arguments": '{"width": "70"}', **(call or {})}}
     return QUESTION + [{"role": "assistant", "content": None, "tool_calls": [assistant_call] * calls},
                        {"role": "tool", "tool_call_id": "call_7", "content": "22", **(result or {})}]
 
@@ -849,7 +857,7 @@ def bad_history(call: dict | None = None, result: dict | None = None, calls: int
 BAD_TOOLS = [
     (bad_history({"name": "get_time"}), "messages[1].tool_calls[0].function.name"),
     (bad_history({"arguments": "[1]"}), "messages[1].tool_calls[0].function.arguments"),
-    (bad_history({"arguments": "{city"}), "messages[1].tool_calls[0].function.arguments"),
+    (bad_history({"arguments": "{width"}), "messages[1].tool_calls[0].function.arguments"),
     (bad_history(calls=2), "messages[1].tool_calls"),
     (bad_history(result={"tool_call_id": "call_8"}), "messages[2].tool_call_id"),
     (bad_history(result={"tool_call_id": None}), "messages[2].tool_call_id"),
@@ -861,10 +869,10 @@ BAD_TOOLS = [
 @pytest.mark.parametrize("messages, param", BAD_TOOLS, ids=[param for _, param in BAD_TOOLS])
 def test_bad_tool_histories_are_refused_naming_the_field(tools_server, messages, param):
     url, *_ = tools_server
-    response = post(url, CHAT, {"messages": messages, "tools": [WEATHER], "max_tokens": 2}, key=None)
+    response = post(url, CHAT, {"messages": messages, "tools": [WRAP], "max_tokens": 2}, key=None)
     assert response.status_code == 400 and is_error_body(response), response.text
     assert response.json()["error"]["param"] == param
-    good = {"messages": bad_history(), "tools": [WEATHER], "max_tokens": 2}
+    good = {"messages": bad_history(), "tools": [WRAP], "max_tokens": 2}
     assert post(url, CHAT, good, key=None).status_code == 200
 
 
@@ -873,13 +881,14 @@ def test_assistant_message_reads_each_call_form_and_leaves_other_text():
         return {"name": name, "arguments": arguments}
 
     cases = [
-        (CALL_TEXT, ["get_weather"], call("get_weather", {"city": "Paris"})),
-        ('<function=get_weather>{"city": "Oslo"}</function>', ["get_weather"], call("get_weather", {"city": "Oslo"})),
+        (JSON_CALL, ["wrap"], call("wrap", {"width": "70"})),
+        (CALL_TEXT, ["wrap"], call("wrap", {"width": "70"})),
+        ('<function=wrap>{"width": "9"}</function>', ["wrap"], call("wrap", {"width": "9"})),
         ('<|python_tag|>brave_search.call(query="Paris")', ["brave_search"], call("brave_search", {"query": "Paris"})),
         ("<|python_tag|>print(7)", ["code_interpreter"], call("code_interpreter", {"code": "print(7)"})),
-        (CALL_TEXT, ["get_time"], None),  # not offered
-        (CALL_TEXT, [], None),  # no tools
-        ("It is sunny.", ["get_weather"], None),
+        (JSON_CALL, ["get_time"], None),  # not offered
+        (JSON_CALL, [], None),  # no tools
+        ("It is sunny.", ["wrap"], None),
     ]
     for text, tools, expected in cases:
         message = assistant_message(text, tools)
