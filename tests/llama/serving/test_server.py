@@ -862,7 +862,8 @@ BAD_TOOLS = [
     (bad_history(result={"tool_call_id": "call_8"}), "messages[2].tool_call_id"),
     (bad_history(result={"tool_call_id": None}), "messages[2].tool_call_id"),
     (QUESTION + [{"role": "tool", "tool_call_id": "call_7", "content": "22"}], "messages[1].tool_call_id"),
-    (QUESTION + [{"role": "assistant", "content": "x", "tool_call_id": "call_7"}], "messages[1].tool_call_id"),
+    (bad_history(result={"role": "assistant"}), "messages[2].tool_call_id"),
+    ([{**QUESTION[0], "tool_calls": bad_history()[1]["tool_calls"]}], "messages[0].tool_calls"),
 ]
 
 
