@@ -351,10 +351,10 @@ class Server:
             role = "system" if message.role == "developer" else message.role
             if message.role == "tool" or message.tool_call_id is not None:
                 _check_tool_result(messages, i)
+            # content "" beside a call, as chat_completion answers: templates that concatenate contents take it
+            dialog.append({"role": role, "content": content or ""})
             if message.tool_calls:
-                dialog.append({"role": role, "content": content, "tool_calls": [_history_call(message, i, names, fmt)]})
-            else:
-                dialog.append({"role": role, "content": content or ""})
+                dialog[-1]["tool_calls"] = [_history_call(message, i, names, fmt)]
         try:
             return encode_dialog(self.tokenizer, dialog, tools=(tools or None) if offer_tools else None)
         except ValueError as error:

@@ -27,7 +27,7 @@ from llama.generation import Llama, Request, SamplingParams
 from llama.model import ModelArgs, Transformer
 from llama.serving import create_app
 from llama.serving.app import assistant_message
-from tokenizer import encode_dialog
+from tokenizer import encode_dialog, load_tokenizer
 from tokenizer.fim import fim_tokens, infilling_prompt
 
 
@@ -900,3 +900,25 @@ def test_assistant_message_reads_each_call_form_and_leaves_other_text():
         assert message == {"role": "assistant", "content": None} and made["type"] == "function"
         assert made["id"].startswith("call_") and len(made["id"]) == len("call_") + 24
         assert {"name": made["function"]["name"], "arguments": json.loads(made["function"]["arguments"])} == expected
+
+
+def test_a_chat_template_gets_the_tools_and_a_returned_call_as_transformers_renders_them(smollm2_gguf_path, tmp_path):
+    """SmolLM2's template concatenates contents: a call sent back with null content (as OpenAI clients send it)
+    is passed with "" (as ``chat_completion`` answers); the ids equal transformers' ``apply_chat_template`` of the
+    same dialog and tools."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf_path)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=tokenizer.vocab_size, hidden_dim=128,
+                                  max_seq_len=256))
+    model.init_weights(std=0.2, seed=0)
+    with running_server(Llama(model, tokenizer, max_seq_len=256, max_batch_size=1)) as (url, _):
+        ids = post(url, "/tokenize", {"messages": bad_history(), "tools": [WRAP]}, key=None).json()["tokens"]
+        reply = post(url, CHAT, {"messages": bad_history(), "tools": [WRAP], "max_tokens": 2}, key=None)
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == len(ids)
+    call = {"type": "function", "function": {"name": "wrap", "arguments": {"width": "70"}}}
+    dialog = QUESTION + [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "22"}]
+    tokenizer.save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert ids == hf.apply_chat_template(dialog, tools=[WRAP], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
