@@ -182,7 +182,8 @@ def tool_names(tools: list[dict] | None) -> list[str]:
 
 
 def tool_choice(choice: Any) -> str:
-    """"auto" (default: calls are read from the answer) or "none"; forcing a call is not implemented."""
+    """The request's tool choice: "auto" (the default: calls are read from the answer) or "none"; forcing a call
+    is not implemented."""
     if choice in (None, "auto", "none"):
         return choice or "auto"
     raise bad_request("tool_choice must be 'none' or 'auto' (this server cannot force a call)", param="tool_choice")
