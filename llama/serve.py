@@ -1,7 +1,8 @@
 """Serve a model over an OpenAI-compatible HTTP API: ``python -m llama.serve [CKPT]`` (default: the embedded
 SmolLM2), on 127.0.0.1:8000 unless told otherwise.
 
-Routes: POST /v1/completions, /v1/chat/completions (streamed with "stream": true), GET /v1/models, POST /tokenize,
+Routes: POST /v1/completions (with "suffix": Code Llama infilling), /v1/chat/completions (with "tools": Llama 3.1
+tool calls; both streamed with "stream": true), GET /v1/models, POST /tokenize,
 /detokenize, GET /health (liveness), /health/ready (a one-token generation under a deadline), /metrics
 (Prometheus). Requests are batched continuously: each joins the running batch at the next engine step. With
 --api-key (or --api-key-file) every route but /health wants ``Authorization: Bearer KEY``. Under

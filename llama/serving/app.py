@@ -30,10 +30,13 @@ from llama.generation.text import stable_text
 from llama.serving.metrics import Metrics
 from llama.serving.protocol import (
     APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad_request, error_body,
-    logit_bias_ids, prompt_list, refuse_unimplemented, stop_list,
+    logit_bias_ids, prompt_list, refuse_unimplemented, stop_list, tool_choice, tool_names,
 )
 from llama.serving.scheduler import QueueFull, Scheduler
-from tokenizer import Dialog, encode_dialog
+from tokenizer import Dialog, TokenizerError, encode_dialog
+from tokenizer.chat_format import chat_format
+from tokenizer.fim import fim_tokens, infilling_prompt
+from tokenizer.tools import parse_tool_calls
 
 log = logging.getLogger("llama.serving")
 
@@ -135,10 +138,13 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 class Generation:
-    """The engine requests (choices) of one HTTP request and what their text is so far."""
+    """The engine requests (choices) of one HTTP request and what their text is so far; ``decode`` turns their
+    tokens into text (an infilled middle is decoded as the continuation it is)."""
 
-    def __init__(self, server: Server, requests: list[Request], echo_texts: list[str], prompt_tokens: int):
+    def __init__(self, server: Server, requests: list[Request], echo_texts: list[str], prompt_tokens: int,
+                 decode=None):
         self.server, self.requests, self.echo_texts, self.prompt_tokens = server, requests, echo_texts, prompt_tokens
+        self.decode = decode or server.tokenizer.decode
         self.updates: asyncio.Queue = asyncio.Queue()
         self.handles = server.scheduler.submit(requests, self.updates)
         self.arrived = time.perf_counter()
@@ -212,7 +218,7 @@ class Generation:
         """The choice's text: settled so far, or whole once done (cut at a stop string)."""
         request = self.requests[index]
         tokens = request.tokens[: self.counts[index]]
-        return stable_text(self.server.tokenizer.decode(tokens), request.sampling.stop, self.reasons[index] is not None)
+        return stable_text(self.decode(tokens), request.sampling.stop, self.reasons[index] is not None)
 
     def new_text(self, index: int) -> str:
         text = self.text(index)
@@ -258,7 +264,8 @@ class Server:
 
     # -------------------------------------------------------------------------------------- building requests
 
-    def sampling(self, body, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def sampling(self, body, max_tokens: int | None, logprobs: bool, top_logprobs: int,
+                 stop_ids: tuple[int, ...] = ()) -> SamplingParams:
         try:
             return SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -272,6 +279,7 @@ class Server:
                 frequency_penalty=body.frequency_penalty or 0.0,
                 logit_bias=logit_bias_ids(body.logit_bias),
                 top_logprobs=top_logprobs,
+                stop_ids=stop_ids,
             )
         except ValueError as error:
             raise bad_request(str(error)) from None
@@ -300,14 +308,35 @@ class Server:
                 requests.append(request)
         return requests
 
-    def generation(self, requests: list[Request], echo_texts: list[str], prompt_tokens: int) -> Generation:
+    def generation(self, requests: list[Request], echo_texts: list[str], prompt_tokens: int,
+                   decode=None) -> Generation:
         try:
-            return Generation(self, requests, echo_texts, prompt_tokens)
+            return Generation(self, requests, echo_texts, prompt_tokens, decode)
         except QueueFull as error:
             raise APIError(429, str(error), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
-    def encode_messages(self, messages) -> list[int]:
+    def infilling_prompts(self, prompts: list[str | list[int]], suffix: str) -> tuple[list[list[int]], tuple[int, ...]]:
+        """Code Llama's prefix-suffix-middle prompt of each prompt (the prefix) and ``suffix``, and the token that
+        ends the middle besides EOS (none for the StarCoder family)."""
+        try:
+            end = fim_tokens(self.tokenizer).end
+        except TokenizerError as error:
+            raise bad_request(f"suffix needs a model that can fill in the middle: {error}", param="suffix") from None
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise bad_request("with suffix, prompt must be text (a string or strings): it is the code before the "
+                              "middle", param="prompt")
+        return [infilling_prompt(self.tokenizer, prompt, suffix) for prompt in prompts], (() if end is None else (end,))
+
+    def encode_messages(self, messages, tools: list[dict] | None = None, offer_tools: bool = True) -> list[int]:
+        """The prompt of OpenAI chat messages in the checkpoint's chat format. An assistant's ``tool_calls`` and a
+        ``tool`` message answering it map onto Llama 3.1's tool use (``tokenizer.tools``); ``tools`` (OpenAI
+        function tools) are offered in the prompt as ``Llama.chat_completion(..., tools=...)`` offers them, unless
+        ``offer_tools`` is false (tool_choice "none": the history may still hold calls to them)."""
+        names = tool_names(tools)
+        fmt = chat_format(self.tokenizer)
+        if names and not fmt.tools:
+            raise bad_request(f"tools: this checkpoint's chat format ({fmt.name}) has no tool calls", param="tools")
         dialog: Dialog = []
         for i, message in enumerate(messages):
             extra = [name for name, value in (message.model_extra or {}).items() if value not in (None, [])]
@@ -320,9 +349,14 @@ class Server:
                     raise bad_request(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
                 content = "".join(part.text for part in content)
             role = "system" if message.role == "developer" else message.role
+            if message.role == "tool" or message.tool_call_id is not None:
+                _check_tool_result(messages, i)
+            # content "" beside a call, as chat_completion answers: templates that concatenate contents take it
             dialog.append({"role": role, "content": content or ""})
+            if message.tool_calls:
+                dialog[-1]["tool_calls"] = [_history_call(message, i, names, fmt)]
         try:
-            return encode_dialog(self.tokenizer, dialog)
+            return encode_dialog(self.tokenizer, dialog, tools=(tools or None) if offer_tools else None)
         except ValueError as error:
             raise bad_request(str(error), param="messages") from None
 
@@ -360,6 +394,62 @@ class Server:
             {**entry(t, lp), "top_logprobs": [entry(*pair) for pair in top]}
             for t, lp, top in zip(request.tokens[start:stop], request.logprobs[start:stop], tops)
         ]}
+
+
+# ------------------------------------------------------------------------------------------------ tool calls
+
+
+def _history_call(message, i: int, names: list[str], fmt) -> dict:
+    """An assistant message's OpenAI tool call in transformers' structure, which the chat formats write."""
+    where = f"messages[{i}].tool_calls"
+    if message.role != "assistant":
+        raise bad_request(f"{where}: tool calls belong to assistant messages", param=where)
+    if not fmt.tools:
+        raise bad_request(f"{where}: this checkpoint's chat format ({fmt.name}) has no tool calls", param=where)
+    if len(message.tool_calls) > 1:
+        raise bad_request(f"{where}: one call per assistant message (Llama 3.1 calls one tool at a time)", param=where)
+    function = message.tool_calls[0].function
+    if function.name not in names:
+        offered = ", ".join(names) or "none"
+        raise bad_request(f"{where}[0].function.name: '{function.name}' is not one of the tools given in 'tools' "
+                          f"({offered})", param=f"{where}[0].function.name")
+    try:
+        arguments = json.loads(function.arguments)
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise bad_request(f"{where}[0].function.arguments must be a JSON object as text, got {function.arguments!r}",
+                          param=f"{where}[0].function.arguments")
+    return {"type": "function", "function": {"name": function.name, "arguments": arguments}}
+
+
+def _check_tool_result(messages, i: int) -> None:
+    """A ``tool`` message answers the tool call of the assistant message just before it, by its id."""
+    where, message = f"messages[{i}].tool_call_id", messages[i]
+    if message.role != "tool":
+        raise bad_request(f"{where}: only 'tool' messages answer a tool call", param=where)
+    before = messages[i - 1] if i else None
+    if before is None or before.role != "assistant" or not before.tool_calls:
+        raise bad_request(f"{where}: a 'tool' message must follow an assistant message with tool_calls", param=where)
+    if message.tool_call_id != before.tool_calls[0].id:
+        raise bad_request(f"{where} must be the id of the call it answers ('{before.tool_calls[0].id}'), got "
+                          f"{message.tool_call_id!r}", param=where)
+
+
+def assistant_message(text: str, tools: list[str]) -> dict:
+    """The assistant message of a generated text. With ``tools`` offered, an answer that calls one of them (read
+    as ``Llama.chat_completion`` reads it: ``tokenizer.tools.parse_tool_calls``) comes back in OpenAI's shape,
+    ``tool_calls`` with arguments as JSON text and null content; any other text (a call to a tool not offered
+    too) as content."""
+    _, calls = parse_tool_calls(text) if tools else (text, [])
+    if not calls or any(call["function"]["name"] not in tools for call in calls):
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": call["function"]["name"],
+                      "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
+        for call in calls
+    ]}
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -411,8 +501,10 @@ def create_app(llm: Llama, model_name: str = "llama", api_key: str | None = None
         server.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give either 'prompt' or 'messages'", param="prompt")
+        if body.tools is not None and body.messages is None:
+            raise bad_request("tools go with 'messages'", param="tools")
         if body.messages is not None:
-            tokens = server.encode_messages(body.messages)
+            tokens = server.encode_messages(body.messages, body.tools)
         else:
             tokens = server.tokenizer.encode(body.prompt, bos=body.add_special_tokens and server.tokenizer.add_bos)
         return {"tokens": tokens, "token_strs": [server.token_text(t) for t in tokens], "count": len(tokens),
@@ -430,15 +522,22 @@ def create_app(llm: Llama, model_name: str = "llama", api_key: str | None = None
     async def completions(body: CompletionRequest, http_request: HTTPRequest):
         refuse_unimplemented(body, "completions")
         server.check_model(body.model)
-        prompts = [server.tokenizer.encode(p, bos=server.tokenizer.add_bos) if isinstance(p, str) else p
-                   for p in prompt_list(body.prompt)]
         echo, top = bool(body.echo), body.logprobs
+        decode, stop_ids = None, ()
+        if body.suffix is not None:  # fill in the middle: the prompt is the prefix
+            if echo:
+                raise bad_request("echo cannot be combined with suffix", param="echo")
+            prompts, stop_ids = server.infilling_prompts(prompt_list(body.prompt), body.suffix)
+            decode = server.tokenizer.decode_infill
+        else:
+            prompts = [server.tokenizer.encode(p, bos=server.tokenizer.add_bos) if isinstance(p, str) else p
+                       for p in prompt_list(body.prompt)]
         max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        sampling = server.sampling(body, max_tokens, top is not None, top or 0)
+        sampling = server.sampling(body, max_tokens, top is not None, top or 0, stop_ids)
         requests = server.requests(prompts, body, max_tokens, sampling, echo_logprobs=echo and top is not None)
         n = body.n or 1
         echo_texts = [server.tokenizer.decode(p) if echo else "" for p in prompts for _ in range(n)]
-        generation = server.generation(requests, echo_texts, sum(map(len, prompts)))
+        generation = server.generation(requests, echo_texts, sum(map(len, prompts)), decode)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
         if body.stream:
@@ -463,7 +562,9 @@ def create_app(llm: Llama, model_name: str = "llama", api_key: str | None = None
             raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise bad_request("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
-        prompt = server.encode_messages(body.messages)
+        choice = tool_choice(body.tool_choice)
+        prompt = server.encode_messages(body.messages, body.tools, offer_tools=choice == "auto")
+        offered = tool_names(body.tools) if choice == "auto" else []  # calls are read from the answers
         max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
         sampling = server.sampling(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
         requests = server.requests([prompt], body, max_tokens, sampling)
@@ -471,16 +572,18 @@ def create_app(llm: Llama, model_name: str = "llama", api_key: str | None = None
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name}
         if body.stream:
-            return _sse(_stream_chat(server, generation, meta, body))
+            return _sse(_stream_chat(server, generation, meta, body, offered))
         if not await generation.wait(http_request):
             return Response(status_code=CLIENT_CLOSED)
         generation.check_failures()
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": generation.text(i)},
-             "logprobs": server.chat_logprobs(request, 0, len(request.tokens)) if body.logprobs else None,
-             "finish_reason": generation.reasons[i]}
-            for i, request in enumerate(requests)
-        ]
+        choices = []
+        for i, request in enumerate(requests):
+            message = assistant_message(generation.text(i), offered)
+            choices.append({
+                "index": i, "message": message,
+                "logprobs": server.chat_logprobs(request, 0, len(request.tokens)) if body.logprobs else None,
+                "finish_reason": "tool_calls" if "tool_calls" in message else generation.reasons[i],
+            })
         return {**meta, "choices": choices, "usage": generation.usage()}
 
     return Gate(app, api_key, max_body_bytes, metrics)
@@ -533,23 +636,31 @@ async def _stream_completion(server: Server, generation: Generation, meta: dict,
     yield "[DONE]"
 
 
-async def _stream_chat(server: Server, generation: Generation, meta: dict, body):
+async def _stream_chat(server: Server, generation: Generation, meta: dict, body, tools: list[str]):
+    """Chat chunks as OpenAI streams them. With ``tools`` offered a choice is sent whole once done (whether it
+    calls a tool is known only then): a call as one ``tool_calls`` delta, other text as one content delta."""
     meta = {**meta, "object": "chat.completion.chunk"}
     for i in range(len(generation.requests)):
         yield {**meta, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}]}
     async for changed in _chunks(generation):
         for i in sorted(changed):
-            request = generation.requests[i]
+            request, reason = generation.requests[i], generation.reasons[i]
+            if tools and reason is None:
+                continue
             start, stop = generation.emitted_tokens[i], generation.counts[i]
             text = generation.new_text(i)
             logprobs = server.chat_logprobs(request, start, stop) if body.logprobs and stop > start else None
-            if not (text or logprobs or generation.reasons[i]):
+            if not (text or logprobs or reason):
                 continue
             generation.emitted_tokens[i] = stop
-            delta = {"content": text} if text or not generation.reasons[i] else {}
-            yield {**meta, "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
-                                        "finish_reason": generation.reasons[i]}]}
+            message = assistant_message(text, tools) if tools else {}
+            if "tool_calls" in message:
+                delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
+                reason = "tool_calls"
+            else:
+                delta = {"content": text} if text or not reason else {}
+            yield {**meta, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
     if "error" in generation.reasons:
         yield error_body("internal error while generating; see the server log", "internal_error")
         return

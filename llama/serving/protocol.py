@@ -6,9 +6,9 @@ defaults keep working, and refused with a 400 that names it otherwise."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llama.generation.sampling import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
 
@@ -16,9 +16,9 @@ MAX_N = 16  # choices per request
 
 # OpenAI fields this server does not implement, with the value that means "not used".
 UNIMPLEMENTED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "completions": {"suffix": None, "best_of": 1},
+    "completions": {"best_of": 1},
     "chat": {
-        "tools": [], "tool_choice": "none", "parallel_tool_calls": True, "functions": [], "function_call": "none",
+        "functions": [], "function_call": "none",
         "response_format": {"type": "text"}, "store": False, "metadata": {}, "service_tier": "auto",
         "modalities": ["text"], "audio": None, "prediction": None, "reasoning_effort": None,
         "web_search_options": None, "prompt_cache_key": None, "safety_identifier": None, "verbosity": None,
@@ -78,6 +78,7 @@ class SamplingFields(Strict):
 
 class CompletionRequest(SamplingFields):
     prompt: Any  # a string, strings, token ids or lists of token ids: checked by the handler
+    suffix: str | None = None  # the text after the completion: the prompt is infilled (Code Llama's FIM layout)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top logprobs per position
 
@@ -87,10 +88,39 @@ class ContentPart(Strict):
     text: str | None = None
 
 
+class Exact(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class FunctionCall(Exact):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(Exact):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+
+class FunctionDefinition(Exact):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class FunctionTool(Exact):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatRequest(SamplingFields):
@@ -98,12 +128,16 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None  # kept as sent: the prompt shows each schema as written
+    tool_choice: Any = None  # "none" or "auto": checked by ``tool_choice``
+    parallel_tool_calls: bool | None = None  # either way: Llama 3.1 calls one tool per message
 
 
 class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None  # with messages: offered as /v1/chat/completions offers them
     add_special_tokens: bool = True  # with a prompt: BOS where the checkpoint's convention adds one
 
 
@@ -124,6 +158,35 @@ def refuse_unimplemented(request: Strict, kind: str) -> None:
         refuse_unimplemented(request.stream_options, "stream_options")
         if not request.stream:
             raise bad_request("stream_options is only allowed with stream=true", param="stream_options")
+
+
+def tool_names(tools: list[dict] | None) -> list[str]:
+    """The names of OpenAI function tools, each checked (400 naming the first wrong field)."""
+    names = []
+    for i, tool in enumerate(tools or ()):
+        try:
+            function = FunctionTool.model_validate(tool).function
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
+            expected = ' (a tool is {"type": "function", "function": {"name", "description", "parameters"}})'
+            raise bad_request(f"tools[{i}]{where}: {first['msg']}{expected}", param=f"tools[{i}]{where}") from None
+        if function.strict:
+            raise bad_request(f"tools[{i}].function.strict: this server does not constrain arguments to the schema",
+                              param=f"tools[{i}].function.strict")
+        if function.name in names:
+            raise bad_request(f"tools[{i}].function.name: '{function.name}' is given twice",
+                              param=f"tools[{i}].function.name")
+        names.append(function.name)
+    return names
+
+
+def tool_choice(choice: Any) -> str:
+    """The request's tool choice: "auto" (the default: calls are read from the answer) or "none"; forcing a call
+    is not implemented."""
+    if choice in (None, "auto", "none"):
+        return choice or "auto"
+    raise bad_request("tool_choice must be 'none' or 'auto' (this server cannot force a call)", param="tool_choice")
 
 
 def stop_list(stop: Any) -> list[str]:

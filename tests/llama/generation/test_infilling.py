@@ -1,30 +1,16 @@
 """``Llama.text_infilling`` (Code Llama's API) on a tiny random model with a sentencepiece vocabulary holding Code
 Llama's four FIM pieces; the engine's per-request stop ids."""
 
-import sysconfig
-from pathlib import Path
-
 import pytest
 import torch
 
 from llama.generation import Llama, Request, SamplingParams
 from llama.model import ModelArgs, Transformer
-from tokenizer import TokenizerError, load_tokenizer
+from tokenizer import TokenizerError
 from tokenizer.fim import fim_tokens, infilling_prompt
-from tokenizer.train import train
 
 PREFIXES = ["def add(a, b):\n    return ", "", "x = 1\n"]
 SUFFIXES = ["\n\nprint(add(1, 2))\n", " + 1\n", ""]
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    """(plain, with Code Llama's FIM pieces): a 600-piece model trained on two stdlib files."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    prefix = tmp_path_factory.mktemp("sp") / "tokenizer"
-    train([str(stdlib / "textwrap.py"), str(stdlib / "shlex.py")], vocab_size=600, output=str(prefix))
-    plain = load_tokenizer(prefix.with_suffix(".model"))
-    return plain, plain.with_added_tokens(["▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"])
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> Llama:
@@ -35,8 +21,8 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> Llama:
     return model
 
 
-def test_full_text_is_prefix_generation_suffix(tokenizers):
-    _, tokenizer = tokenizers
+def test_full_text_is_prefix_generation_suffix(fim_tokenizers):
+    _, tokenizer = fim_tokenizers
     llama = Llama(tiny_llama(tokenizer.vocab_size), tokenizer, max_seq_len=128, max_batch_size=2)
     for suffix_first in (False, True):
         results = llama.text_infilling(PREFIXES, SUFFIXES, temperature=0, max_gen_len=12, logprobs=True,
@@ -49,10 +35,10 @@ def test_full_text_is_prefix_generation_suffix(tokenizers):
             assert len(result["tokens"]) == len(result["logprobs"]) == len(row)
 
 
-def test_generation_stops_at_eot(tokenizers):
+def test_generation_stops_at_eot(fim_tokenizers):
     """EOT's output row is made twice the row of a token the model emits: from then on EOT wins where that token
     would, and the middle ends there, without it."""
-    _, tokenizer = tokenizers
+    _, tokenizer = fim_tokenizers
     model = tiny_llama(tokenizer.vocab_size, seed=1)
     llama = Llama(model, tokenizer, max_seq_len=128, max_batch_size=1)
     free = llama.text_infilling(PREFIXES[:1], SUFFIXES[:1], temperature=0, max_gen_len=16, logprobs=True)[0]
@@ -70,8 +56,8 @@ def test_generation_stops_at_eot(tokenizers):
     assert stopped["generation"] == tokenizer.decode_infill(request.tokens) != free["generation"]
 
 
-def test_tokenizer_without_fim_tokens_is_refused(tokenizers):
-    plain, _ = tokenizers
+def test_tokenizer_without_fim_tokens_is_refused(fim_tokenizers):
+    plain, _ = fim_tokenizers
     llama = Llama(tiny_llama(plain.vocab_size), plain, max_seq_len=64, max_batch_size=1)
     with pytest.raises(TokenizerError, match="no fill-in-the-middle tokens"):
         llama.text_infilling(["a"], ["b"])

@@ -5,6 +5,7 @@ second copy of the same weights, and logprobs from transformers' own forward of 
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import socket
@@ -23,8 +24,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.checkpoint import load_model
 from llama.generation import Llama, Request, SamplingParams
+from llama.model import ModelArgs, Transformer
 from llama.serving import create_app
-from tokenizer import encode_dialog
+from llama.serving.app import assistant_message
+from tokenizer import encode_dialog, load_tokenizer
+from tokenizer.fim import fim_tokens, infilling_prompt
 
 
 class ByteTokenizer:
@@ -42,6 +46,9 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_id(self, text):
+        return self.special_tokens.get(text)
 
 
 TOK = ByteTokenizer()
@@ -384,6 +391,7 @@ def is_error_body(response) -> bool:
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 BAD = [
     (C, b'{"prompt": "a",', 400, None),
     (C, b"[1, 2]", 400, None),
@@ -414,7 +422,9 @@ BAD = [
     (C, {"prompt": "a", "logit_bias": {"99999": 1}}, 400, "prompt"),
     (C, {"prompt": "a", "stop": ""}, 400, "stop"),
     (C, {"prompt": "a", "stop": [1]}, 400, "stop"),
-    (C, {"prompt": "a", "suffix": "b"}, 400, "suffix"),
+    (C, {"prompt": "a", "suffix": "b"}, 400, "suffix"),  # a vocabulary without FIM tokens
+    (C, {"prompt": "a", "suffix": 5}, 400, "suffix"),
+    (C, {"prompt": "a", "suffix": "b", "echo": True}, 400, "echo"),
     (C, {"prompt": "a", "best_of": 3}, 400, "best_of"),
     (C, {"prompt": "a", "frobnicate": True}, 400, "frobnicate"),
     (C, {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
@@ -425,14 +435,32 @@ BAD = [
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user"}, {"role": "user", "content": "b"}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
-    (CHAT, {"messages": [{"role": "user", "content": "a", "tool_calls": [{"id": "1"}]}]}, 400, "messages[0].tool_calls"),
+    (CHAT, {"messages": [{"role": "user", "content": "a", "tool_calls": [{"id": "1"}]}]}, 400,
+     "messages.0.tool_calls.0.type"),
+    (CHAT, {"messages": [{"role": "user", "content": "a", "tool_calls": [CALL]}]}, 400, "messages[0].tool_calls"),
+    (CHAT, {"messages": USER + [{"role": "tool", "tool_call_id": "call_1", "content": "4"}]}, 400,
+     "messages[1].tool_call_id"),
     (CHAT, {"messages": [{"role": "user", "content": "a", "name": "bob"}]}, 400, "messages[0].name"),
     (CHAT, {"messages": USER, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # Llama 2
+    (CHAT, {"messages": USER, "tools": [{"type": "retrieval"}]}, 400, "tools[0].type"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools[0].function.name"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, 400,
+     "tools[0].function.parameters"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, 400,
+     "tools[0].function.strict"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "x": 1}}]}, 400,
+     "tools[0].function.x"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}] * 2}, 400,
+     "tools[1].function.name"),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    (CHAT, {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/tokenize", {}, 400, "prompt"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "tools": []}, 400, "tools"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/v1/nothing", {}, 404, None),
 ]
@@ -632,3 +660,265 @@ def test_two_tensor_parallel_processes_serve_the_tokens_of_one(tiny_smollm2_toke
     with serve_command(tiny_smollm2_tokenizer_checkpoint, 2) as url:
         parallel = answers(url)
     assert parallel == single and all(single)
+
+
+# ------------------------------------------------------------------------------------------------ infilling
+
+
+FIM_CASES = [("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"), ("", " + 1\n"), ("x = 1\n", "")]
+
+
+@pytest.fixture(scope="module")
+def fim_server(fim_tokenizers):
+    """A tiny random model over a vocabulary with Code Llama's FIM pieces, EOT's output row made twice that of a
+    token only the first case's middle holds (so it stops at EOT), and ``Llama`` on a copy of it."""
+    _, tokenizer = fim_tokenizers
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                                  multiple_of=32, max_seq_len=128))
+    model.init_weights(std=0.3, seed=0)
+    reference = Llama(copy.deepcopy(model), tokenizer, max_seq_len=128, max_batch_size=1)
+    free = [reference.generate([infilling_prompt(tokenizer, *case)], max_gen_len=12, temperature=0)[0][0]
+            for case in FIM_CASES]
+    only_first = next(t for t in free[0][1:] if all(t not in middle for middle in free[1:]))
+    with torch.no_grad():  # the output layer only: the reference's cached keys and values stay valid
+        for copy_of in (model, reference.model):
+            copy_of.output.weight[fim_tokens(tokenizer).end] = 2 * copy_of.output.weight[only_first]
+    with running_server(Llama(model, tokenizer, max_seq_len=128, max_batch_size=2)) as (url, _):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), reference, tokenizer
+
+
+def test_suffix_fills_in_the_middle_as_text_infilling(fim_server):
+    client, reference, tokenizer = fim_server
+    reasons = []
+    for prefix, suffix in FIM_CASES:
+        expected = reference.text_infilling([prefix], [suffix], temperature=0, max_gen_len=12, logprobs=True)[0]
+        options = dict(model="tiny", prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
+        whole = client.completions.create(**options)
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **options))
+        assert whole.choices[0].text == expected["generation"]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["generation"]
+        assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == len(
+            infilling_prompt(tokenizer, prefix, suffix))
+        assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == len(expected["tokens"])
+        reasons.append(whole.choices[0].finish_reason)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reasons[-1]
+    assert reasons[0] == "stop" and "length" in reasons  # the first middle ends at EOT, before max_tokens
+
+
+def test_an_infilled_middle_keeps_its_leading_space(fim_server):
+    """The middle is decoded as a continuation: a first piece "▁self" reads " self" (sentencepiece's decode
+    would drop the space)."""
+    client, _, tokenizer = fim_server
+    (piece,) = tokenizer.encode_infill(" self")
+    result = client.completions.create(model="tiny", prompt="def f(x):\n   ", suffix=" x\n", max_tokens=2,
+                                       temperature=0, logit_bias={str(piece): 100})
+    assert result.choices[0].text == tokenizer.decode_infill([piece, piece]) == " self self"
+
+
+def test_suffix_is_refused_without_fim_tokens_or_with_token_prompts(server, fim_server):
+    url, _ = server
+    response = post(url, C, {"prompt": "def f(", "suffix": "):\n"})
+    assert response.status_code == 400 and is_error_body(response)
+    assert response.json()["error"]["param"] == "suffix"
+    assert "no fill-in-the-middle tokens" in response.json()["error"]["message"]
+    client, _, tokenizer = fim_server
+    with pytest.raises(openai.BadRequestError, match="prompt must be text"):
+        client.completions.create(model="tiny", prompt=tokenizer.encode("def f("), suffix="):\n")
+
+
+# ------------------------------------------------------------------------------------------------ tool calls
+
+
+WRAP = {"type": "function", "function": {
+    "name": "wrap", "description": "Wrap the text at a width",
+    "parameters": {"type": "object", "properties": {"width": {"type": "string"}}, "required": ["width"]},
+}}
+QUESTION = [{"role": "user", "content": "Wrap this text at 70 columns."}]
+JSON_CALL = '{"name": "wrap", "parameters": {"width": "70"}}'  # Llama 3.1's custom call
+# What the chain model writes: Llama 3.1's built-in call syntax, which the parser reads for any tool (a JSON call
+# would need the same token twice, a quote, which a chain model cannot write)
+CALL_TEXT = '<|python_tag|>wrap.call(width= "70")'
+
+
+def distinct_spelling(tokenizer, text: str) -> list[int]:
+    """Ids of tokens, no two alike, that spell ``text`` (a chain model writes each token once)."""
+    pieces = {}
+    for i in range(tokenizer.vocab_size):
+        pieces.setdefault(tokenizer.decode([i]), i)
+
+    def spell(at: int, used: frozenset) -> list[int] | None:
+        if at == len(text):
+            return []
+        for end in range(len(text), at, -1):  # longest pieces first
+            token = pieces.get(text[at:end])
+            if token is not None and token not in used and (rest := spell(end, used | {token})) is not None:
+                return [token, *rest]
+        return None
+
+    return spell(0, frozenset())
+
+
+@pytest.fixture(scope="module")
+def tools_server(llama3_tokenizer, chain_model):
+    """A Llama-3-format model that answers any dialog with ``CALL_TEXT`` and ``<|eom_id|>``, served, and ``Llama``
+    on a copy of it."""
+    tokenizer = llama3_tokenizer
+    header_end = encode_dialog(tokenizer, QUESTION)[-1]  # every prompt ends with the assistant header's "\n\n"
+    call = distinct_spelling(tokenizer, CALL_TEXT)
+    model = chain_model(tokenizer, [header_end, *call, tokenizer.special_tokens["<|eom_id|>"]], max_seq_len=1024)
+    reference = Llama(copy.deepcopy(model), tokenizer, max_seq_len=1024, max_batch_size=1)
+    with running_server(Llama(model, tokenizer, max_seq_len=1024, max_batch_size=2)) as (url, _):
+        yield url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), reference, tokenizer
+
+
+def test_a_tool_call_comes_back_in_openais_shape_as_chat_completion_reads_it(tools_server):
+    url, client, reference, tokenizer = tools_server
+    expected = reference.chat_completion([QUESTION], temperature=0, max_gen_len=40, tools=[WRAP])[0]["generation"]
+    assert expected["tool_calls"] == [{"type": "function", "function": {"name": "wrap",
+                                                                        "arguments": {"width": "70"}}}]
+    result = client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WRAP], max_tokens=40,
+                                            temperature=0)
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "wrap"
+    assert json.loads(call.function.arguments) == {"width": "70"}
+    # the prompt is the one chat_completion builds: Llama 3.1's tool-use layout, the schema as sent
+    prompt = encode_dialog(tokenizer, QUESTION, tools=[WRAP])
+    assert post(url, "/tokenize", {"messages": QUESTION, "tools": [WRAP]}, key=None).json()["tokens"] == prompt
+    assert result.usage.prompt_tokens == len(prompt)
+    assert result.usage.completion_tokens == len(distinct_spelling(tokenizer, CALL_TEXT))
+    # the reply and the tool's result go back as the README shows: the history is Llama 3.1's ipython turn
+    history = QUESTION + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 22}'}]
+    again = client.chat.completions.create(model="tiny", messages=history, tools=[WRAP], max_tokens=40,
+                                           temperature=0)
+    dialog = QUESTION + [expected, {"role": "ipython", "content": '{"temperature": 22}'}]
+    assert again.usage.prompt_tokens == len(encode_dialog(tokenizer, dialog, tools=[WRAP]))
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WRAP], max_tokens=40,
+                                                 temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[0].role == "assistant" and not any(d.content for d in deltas)
+    (streamed,) = [call for d in deltas for call in d.tool_calls or ()]
+    assert streamed.index == 0 and streamed.function.name == "wrap" and streamed.id.startswith("call_")
+    assert json.loads(streamed.function.arguments) == {"width": "70"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_an_offered_call_the_answer_is_content(tools_server):
+    """tool_choice "none" leaves the tools out of the prompt and reads no call; a call to a tool not offered
+    stays text."""
+    url, client, _, tokenizer = tools_server
+    other = {"type": "function", "function": {"name": "get_time"}}
+    for tools, choice, prompt in [([WRAP], "none", encode_dialog(tokenizer, QUESTION)),
+                                  ([other], "auto", encode_dialog(tokenizer, QUESTION, tools=[other]))]:
+        options = dict(model="tiny", messages=QUESTION, tools=tools, tool_choice=choice, max_tokens=40, temperature=0)
+        result = client.chat.completions.create(**options)
+        assert result.choices[0].message.content == CALL_TEXT and result.choices[0].message.tool_calls is None
+        assert result.choices[0].finish_reason == "stop" and result.usage.prompt_tokens == len(prompt)
+        chunks = list(client.chat.completions.create(stream=True, **options))
+        contents = [c.choices[0].delta.content or "" for c in chunks]
+        assert "".join(contents) == CALL_TEXT and chunks[-1].choices[0].finish_reason == "stop"
+        if choice == "auto":
+            assert contents == ["", CALL_TEXT]  # with tools offered the answer is sent once known not to be a call
+
+
+def test_a_call_and_its_result_in_the_history_are_rendered_as_llama_31s(tools_server):
+    url, client, _, tokenizer = tools_server
+    history = QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_7", "type": "function", "function": {"name": "wrap", "arguments": '{"width": "70"}'}}
+        ]},
+        {"role": "tool", "tool_call_id": "call_7", "content": '{"temperature": 22}'},
+    ]
+    ids = post(url, "/tokenize", {"messages": history, "tools": [WRAP]}, key=None).json()["tokens"]
+    call = {"type": "function", "function": {"name": "wrap", "arguments": {"width": "70"}}}
+    dialog = QUESTION + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "ipython", "content": '{"temperature": 22}'}]
+    assert ids == encode_dialog(tokenizer, dialog, tools=[WRAP])
+    question = encode_dialog(tokenizer, QUESTION, tools=[WRAP])
+    assert tokenizer.decode(ids[len(question):]) == (
+        f"{JSON_CALL}<|eom_id|><|start_header_id|>ipython<|end_header_id|>\n\n"
+        '{"temperature": 22}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    )
+    result = client.chat.completions.create(model="tiny", messages=history, tools=[WRAP], max_tokens=40,
+                                            temperature=0)
+    assert result.usage.prompt_tokens == len(ids)
+
+
+def bad_history(call: dict | None = None, result: dict | None = None, calls: int = 1) -> list[dict]:
+    assistant_call = {"id": "call_7", "type": "function",
+                      "function": {"name": "wrap", "arguments": '{"width": "70"}', **(call or {})}}
+    return QUESTION + [{"role": "assistant", "content": None, "tool_calls": [assistant_call] * calls},
+                       {"role": "tool", "tool_call_id": "call_7", "content": "22", **(result or {})}]
+
+
+BAD_TOOLS = [
+    (bad_history({"name": "get_time"}), "messages[1].tool_calls[0].function.name"),
+    (bad_history({"arguments": "[1]"}), "messages[1].tool_calls[0].function.arguments"),
+    (bad_history({"arguments": "{width"}), "messages[1].tool_calls[0].function.arguments"),
+    (bad_history(calls=2), "messages[1].tool_calls"),
+    (bad_history(result={"tool_call_id": "call_8"}), "messages[2].tool_call_id"),
+    (bad_history(result={"tool_call_id": None}), "messages[2].tool_call_id"),
+    (QUESTION + [{"role": "tool", "tool_call_id": "call_7", "content": "22"}], "messages[1].tool_call_id"),
+    (bad_history(result={"role": "assistant"}), "messages[2].tool_call_id"),
+    ([{**QUESTION[0], "tool_calls": bad_history()[1]["tool_calls"]}], "messages[0].tool_calls"),
+]
+
+
+@pytest.mark.parametrize("messages, param", BAD_TOOLS, ids=[param for _, param in BAD_TOOLS])
+def test_bad_tool_histories_are_refused_naming_the_field(tools_server, messages, param):
+    url, *_ = tools_server
+    response = post(url, CHAT, {"messages": messages, "tools": [WRAP], "max_tokens": 2}, key=None)
+    assert response.status_code == 400 and is_error_body(response), response.text
+    assert response.json()["error"]["param"] == param
+    good = {"messages": bad_history(), "tools": [WRAP], "max_tokens": 2}
+    assert post(url, CHAT, good, key=None).status_code == 200
+
+
+def test_assistant_message_reads_each_call_form_and_leaves_other_text():
+    def call(name, arguments):
+        return {"name": name, "arguments": arguments}
+
+    cases = [
+        (JSON_CALL, ["wrap"], call("wrap", {"width": "70"})),
+        (CALL_TEXT, ["wrap"], call("wrap", {"width": "70"})),
+        ('<function=wrap>{"width": "9"}</function>', ["wrap"], call("wrap", {"width": "9"})),
+        ('<|python_tag|>brave_search.call(query="Paris")', ["brave_search"], call("brave_search", {"query": "Paris"})),
+        ("<|python_tag|>print(7)", ["code_interpreter"], call("code_interpreter", {"code": "print(7)"})),
+        (JSON_CALL, ["get_time"], None),  # not offered
+        (JSON_CALL, [], None),  # no tools
+        ("It is sunny.", ["wrap"], None),
+    ]
+    for text, tools, expected in cases:
+        message = assistant_message(text, tools)
+        if expected is None:
+            assert message == {"role": "assistant", "content": text}
+            continue
+        (made,) = message.pop("tool_calls")
+        assert message == {"role": "assistant", "content": None} and made["type"] == "function"
+        assert made["id"].startswith("call_") and len(made["id"]) == len("call_") + 24
+        assert {"name": made["function"]["name"], "arguments": json.loads(made["function"]["arguments"])} == expected
+
+
+def test_a_chat_template_gets_the_tools_and_a_returned_call_as_transformers_renders_them(smollm2_gguf_path, tmp_path):
+    """SmolLM2's template concatenates contents: a call sent back with null content (as OpenAI clients send it)
+    is passed with "" (as ``chat_completion`` answers); the ids equal transformers' ``apply_chat_template`` of the
+    same dialog and tools."""
+    from transformers import AutoTokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf_path)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=tokenizer.vocab_size, hidden_dim=128,
+                                  max_seq_len=256))
+    model.init_weights(std=0.2, seed=0)
+    with running_server(Llama(model, tokenizer, max_seq_len=256, max_batch_size=1)) as (url, _):
+        ids = post(url, "/tokenize", {"messages": bad_history(), "tools": [WRAP]}, key=None).json()["tokens"]
+        reply = post(url, CHAT, {"messages": bad_history(), "tools": [WRAP], "max_tokens": 2}, key=None)
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == len(ids)
+    call = {"type": "function", "function": {"name": "wrap", "arguments": {"width": "70"}}}
+    dialog = QUESTION + [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "22"}]
+    tokenizer.save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert ids == hf.apply_chat_template(dialog, tools=[WRAP], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
