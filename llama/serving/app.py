@@ -245,13 +245,13 @@ async def _disconnect(http_request: HTTPRequest) -> None:
 class Server:
     """What the routes share: the model's tokenizer, the scheduler, the metrics, the served name."""
 
-    def __init__(self, llm: Llama, model_name: str, max_queue: int, metrics: Metrics):
+    def __init__(self, llm: Llama, model_name: str, max_queue: int, metrics: Metrics, threads: int | None = None):
         self.tokenizer, self.max_seq_len, self.model_name = llm.tokenizer, llm.max_seq_len, model_name
         self.metrics = metrics
         self.engine = llm.engine
         self.vocab_size = llm.model.args.vocab_size
         self.probe_prompt = [llm.tokenizer.bos_id if llm.tokenizer.bos_id is not None else 0]
-        self.scheduler = Scheduler(llm.engine, max_queue, metrics, warmup_prompt=self.probe_prompt)
+        self.scheduler = Scheduler(llm.engine, max_queue, metrics, warmup_prompt=self.probe_prompt, threads=threads)
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:
@@ -456,10 +456,11 @@ def assistant_message(text: str, tools: list[str]) -> dict:
 
 
 def create_app(llm: Llama, model_name: str = "llama", api_key: str | None = None, max_queue: int = 64,
-               max_body_bytes: int = 4 << 20, ready_deadline_s: float = 10.0) -> FastAPI:
-    """The server of ``llm``: the engine thread starts with the app (uvicorn's lifespan) and stops with it."""
+               max_body_bytes: int = 4 << 20, ready_deadline_s: float = 10.0, threads: int | None = None) -> FastAPI:
+    """The server of ``llm``: the engine thread starts with the app (uvicorn's lifespan) and stops with it, and
+    steps with ``threads`` intra-op threads (default: the calling thread's)."""
     metrics = Metrics()
-    server = Server(llm, model_name, max_queue, metrics)
+    server = Server(llm, model_name, max_queue, metrics, threads)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -19,6 +19,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from llama.generation.engine import Engine, Request
@@ -49,11 +50,13 @@ class Handle:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, metrics=None, warmup_prompt: list[int] | None = None):
+    def __init__(self, engine: Engine, max_queue: int, metrics=None, warmup_prompt: list[int] | None = None,
+                 threads: int | None = None):
         """``max_queue``: requests that may wait for a slot. ``warmup_prompt``: generated from once (and once per
         batch bucket with a compiled engine) before requests are served, so compilation happens before the server
-        says it is ready."""
+        says it is ready. ``threads``: the engine thread's intra-op threads (default: the constructing thread's)."""
         self.engine = engine
+        self.threads = threads or torch.get_num_threads()
         self.capacity = engine.max_batch_size + max_queue
         self.metrics = metrics
         self.warmup_prompt = warmup_prompt
@@ -128,6 +131,7 @@ class Scheduler:
     # ------------------------------------------------------------------------------------- the engine thread
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # a thread's own setting: a new thread starts from the default
         self._warm_up()
         while True:
             commands = self._take_commands()
@@ -141,6 +145,7 @@ class Scheduler:
     def follow(self) -> None:
         """The loop of a rank other than 0 under tensor parallelism: apply rank 0's commands, step alike."""
         self._warm_up()
+        torch.set_num_threads(self.threads)
         requests: dict[int, Request] = {}
         while True:
             box = [None]
