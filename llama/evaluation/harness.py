@@ -233,7 +233,7 @@ class LlamaOneLM(TemplateLM):
         if batch:
             yield batch
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: a training model's FSDP2 all-gather buffers would become inference tensors
     def _score(self, batch, requests) -> Iterator[tuple[int, tuple[float, bool]]]:
         """One forward over packed rows: each row a context and the input tokens of its continuations."""
         packed = [_pack(context, [requests[i][2] for i in members]) for context, members in batch]
