@@ -132,7 +132,7 @@ def text_bytes(tokenizer, ids: np.ndarray) -> int:
     return total
 
 
-@torch.no_grad()  # not inference mode: a sharded (FSDP2) model that trains on would keep its tensors as buffers
+@torch.inference_mode()
 def window_nlls(
     model: Transformer, windows: Sequence[Window], batch_size: int = 8, progress: bool = False
 ) -> list[float]:
@@ -168,7 +168,7 @@ def evaluate_perplexity(
 ) -> Perplexity:
     """The perplexity of ``model`` over ``windows`` (``sliding_windows``, ``text_windows``, ``shard_windows``);
     ``n_bytes``, the UTF-8 bytes of the scored text, gives bits per byte. A trainer can call this on its model
-    between steps (it runs under ``torch.no_grad``; put the model in eval mode first)."""
+    between steps (it runs under ``torch.inference_mode``; put the model in eval mode first)."""
     if not windows:
         raise ValueError("no tokens to score: the data is empty")
     nll = math.fsum(window_nlls(model, windows, batch_size, progress))

@@ -62,6 +62,11 @@ class Evaluation:
         """The metrics of ``model`` (collective: every rank calls it)."""
         metrics = {}
         with evaluating(model), rng_kept(device), torch.no_grad():
+            # llama.evaluation scores and generates in inference mode. FSDP2 allocates its all-gather buffers at a
+            # model's first forward and keeps them: made in inference mode (an evaluation before the first step)
+            # they would be inference tensors that the training forwards cannot write into. A one-token forward
+            # under no_grad first makes sure they exist as ordinary tensors.
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
             for text in self.texts:
                 result = perplexity_on_ranks(model, text, self.cfg.batch_size, device)
                 metrics[f"eval/ppl/{text.name}"] = result.perplexity
@@ -72,6 +77,7 @@ class Evaluation:
 
     def run_tasks(self, model) -> dict:
         from llama.evaluation.harness import LlamaOneLM, evaluate_tasks
+
 
         lm = LlamaOneLM(model=model, tokenizer=self.tokenizer, batch_size=self.cfg.batch_size,
                         max_length=self.max_length)

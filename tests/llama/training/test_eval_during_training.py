@@ -135,6 +135,21 @@ def test_two_processes_log_the_evaluations_of_one(eval_run, shards, tmp_path):
         assert two[step] == pytest.approx(metrics, rel=1e-4), step
 
 
+def test_two_processes_can_generate_before_the_first_step(shards, tmp_path):
+    """A generation task as the sharded model's very first forward (the generation engine runs in inference mode),
+    with a tokenizer whose EOS decodes to no text: the run evaluates, then trains."""
+    args = run_args(shards, tmp_path, "--eval.interval=1", "--eval.tasks=stdlib_doctest", "--eval.limit=1",
+                    "--training.steps=1", "--checkpoint.interval=0", "--checkpoint.export=false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "llama.train", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 1] and "loss" in records[1]
+    assert all("eval/stdlib_doctest/exact_match" in r for r in records)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(shards, tmp_path_factory) -> Path:
     """A tiny random model with the shards' tokenizer, as an HF folder for LoRA to adapt."""
