@@ -1,6 +1,6 @@
-"""Plot a training run: PNG curves of loss (train and validation), learning rate and throughput.
+"""Plot a training run: PNG curves of loss (train and validation), learning rate, throughput and [eval] results.
 
-    python -m llama.plot runs/tiny        # writes runs/tiny/{loss,lr,throughput}.png
+    python -m llama.plot runs/tiny        # writes runs/tiny/{loss,lr,throughput}.png, and eval.png with [eval]
 
 Needs matplotlib (``pip install matplotlib``); the curves are ``llama.training.plots``'s.
 """

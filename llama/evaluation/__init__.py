@@ -4,7 +4,8 @@
 and JSON of ``python -m llama.eval``.
 
 For a training loop: ``evaluate_perplexity(model, windows)`` over ``shard_windows(...)`` or ``text_windows(...)``,
-and ``evaluate_tasks(LlamaOneLM(model=model, tokenizer=tokenizer), ["stdlib_docstring_mc"])`` on the in-memory model.
+and ``evaluate_tasks(LlamaOneLM(model=model, tokenizer=tokenizer), ["stdlib_docstring_mc"])`` on the in-memory model;
+``llama.train``'s ``[eval]`` section does both every ``eval.interval`` steps (``llama.training.evaluation``).
 """
 
 from llama.evaluation.perplexity import (

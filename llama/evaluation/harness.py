@@ -186,7 +186,7 @@ class LlamaOneLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations of each context, until one of its stop strings (and EOS), on the generation engine."""
-        eos = self.tok_decode([self.eot_token_id])
+        eos = self.tok_decode([self.eot_token_id]) or None  # a tokenizer may decode EOS to nothing: its id stops anyway
         work = []
         for context, gen_kwargs in (req.args for req in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)

@@ -81,7 +81,7 @@ class TrainingConfig:
     mixed_precision: str = "bf16"  # bf16 (params and compute in bf16, fp32 gradient reduction) or fp32; CPU is always fp32
     activation_checkpointing: str = "none"  # none, full (recompute each block) or selective (keep matmul outputs)
     compile: bool = False  # torch.compile each transformer block
-    eval_interval: int = 100  # steps between validation passes; 0 disables validation
+    eval_interval: int = 100  # steps between validation losses on the shards' val split; 0: none ([eval]: other data)
     eval_batches: int = 4  # global batches of the validation split per pass
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
 
@@ -137,6 +137,17 @@ class DPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    interval: int = 0  # steps between [eval] evaluations (and one at the start and the end); 0: none
+    perplexity: tuple[str, ...] = ()  # held-out text files, folders or globs, each NAME=PATH or PATH: eval/ppl/NAME
+    max_length: int = 0  # tokens a perplexity window reads, and lm-eval's context; 0: the model's max_seq_len
+    stride: int = 0  # new tokens scored per perplexity window (sliding window, as llama.eval); 0: max_length
+    tasks: tuple[str, ...] = ()  # lm-eval tasks, groups or tags (local stdlib_* too) or YAML files: eval/TASK/METRIC
+    limit: int = 0  # examples per lm-eval task; 0: all of them
+    batch_size: int = 8  # rows per evaluation forward (perplexity windows, lm-eval requests)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +158,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,6 +211,8 @@ RANGES = {
     ("lora", "alpha"): _above(0),
     ("lora", "dropout"): _fraction(upper_open=True),
     ("dpo", "beta"): _above(0),
+    **{("eval", key): _at_least(0) for key in ("interval", "max_length", "stride", "limit")},
+    ("eval", "batch_size"): _at_least(1),
 }
 
 

@@ -28,8 +28,7 @@ from tqdm import tqdm
 from llama.checkpoint import load_args, load_model, save_hf
 from llama.files import FolderInUseError, folder_lock
 from llama.model import ModelArgs, Transformer
-from llama.training import resume
-from llama.training import dpo
+from llama.training import dpo, evaluation, resume
 from llama.training.config import Config, ConfigError, DataConfig, TrainingConfig
 from llama.training.continued import added_token_ids, continue_from, continued_args
 from llama.training.data import GlobalOrder, ShardError, ShardIndex, TokenWindows, rank_slice, read_index
@@ -215,6 +214,7 @@ def train(cfg: Config):
     train_windows, val_windows = open_splits(index, cfg.data, cfg.training)
     args = resolve_model_args(cfg, index)
     check_fine_tuning(cfg, index)
+    evaluate_extra = evaluation.prepare(cfg.eval, load_tokenizer(index.tokenizer_path), args.max_seq_len)
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_batch_sizes(cfg.training, world)
     run_dir = Path(cfg.checkpoint.dir).expanduser()
@@ -243,7 +243,7 @@ def train(cfg: Config):
                 export(model, cfg, args, index, run_dir)
                 return
             run_steps(cfg, model, optimizer, scheduler, progress, train_windows, val_windows, device,
-                      flops_per_token(args, n_params, cfg.data.seq_len), run, reference)
+                      flops_per_token(args, n_params, cfg.data.seq_len), run, reference, evaluate_extra)
             if cfg.checkpoint.export:
                 export(model, cfg, args, index, run_dir)
             dist.barrier()  # all ranks finished before the group goes away (avoids a SIGABRT at exit seen with gloo)
@@ -287,10 +287,10 @@ def restore(checkpoint: Path, model, optimizer, scheduler) -> Progress:
 
 
 def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, train_windows, val_windows, device,
-              flops: float, run: dict, reference=None):
-    """The loop: from ``progress`` to ``training.steps``, logging, validating and checkpointing (with ``run``, what
-    defines the run) as configured. Preference data trains by DPO against ``reference`` (None under LoRA: the
-    model without its adapters)."""
+              flops: float, run: dict, reference=None, evaluate_extra: evaluation.Evaluation | None = None):
+    """The loop: from ``progress`` to ``training.steps``, logging, validating, evaluating (``evaluate_extra``, the
+    ``[eval]`` section's) and checkpointing (with ``run``, what defines the run) as configured. Preference data
+    trains by DPO against ``reference`` (None under LoRA: the model without its adapters)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     training, run_dir = cfg.training, Path(cfg.checkpoint.dir).expanduser()
     eval_windows = training.eval_batches * training.global_batch_size
@@ -298,13 +298,21 @@ def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, trai
     preference = run["dpo"] is not None
 
     def validate() -> dict:
-        if val_windows is None:
-            return {}
-        if preference:
-            return dpo.evaluate(model, val_windows, eval_windows, training.micro_batch_size, device, cfg.dpo.beta,
-                                reference)
-        val_loss = evaluate(model, val_windows, eval_windows, training.micro_batch_size, device)
+        with evaluation.evaluating(model):
+            if preference:
+                return dpo.evaluate(model, val_windows, eval_windows, training.micro_batch_size, device,
+                                    cfg.dpo.beta, reference)
+            val_loss = evaluate(model, val_windows, eval_windows, training.micro_batch_size, device)
         return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+
+    def evaluations(step: int) -> dict:
+        """The step's validation loss and ``[eval]`` metrics, when they are due (collective)."""
+        record = {}
+        if val_windows is not None and (step % max(training.eval_interval, 1) == 0 or step == training.steps):
+            record.update(validate())
+        if evaluate_extra is not None and evaluate_extra.due(step, training.steps):
+            record.update(evaluate_extra(model, device))
+        return record
 
     def step(windows) -> tuple[float, float, dict]:
         if preference:
@@ -313,10 +321,9 @@ def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, trai
         return *forward_backward(model, train_windows, windows, training.micro_batch_size, device, max_norm), {}
 
     log = MetricsLog(run_dir, progress.step, cfg.metrics.tensorboard) if rank == 0 else None
-    if progress.step == 0 and val_windows is not None:
-        record = {"step": 0, **validate()}
+    if progress.step == 0 and (before := evaluations(0)):  # a resumed run logged these already
         if log:
-            log.log(record)
+            log.log({"step": 0, **before})
     order = GlobalOrder(len(train_windows), training.seed)
     tokens_per_step = training.global_batch_size * cfg.data.seq_len
     peak = peak_flops(device)
@@ -356,8 +363,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, progress: Progress, trai
             gathered = [None] * world
             dist.all_gather_object(gathered, windows.tolist())
             record["windows"] = [w for part in gathered for w in part]
-        if progress.step % max(training.eval_interval, 1) == 0 or progress.step == training.steps:
-            record.update(validate())
+        record.update(evaluations(progress.step))
         if log:
             log.log(record)
         bar.update()
