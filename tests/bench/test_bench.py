@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.train
+import bench.common
 from llama.model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,12 +79,15 @@ def test_shards_benchmark_times_both_readers_on_the_same_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])
-def test_matmul_floor_times_every_linear_layer_once(monkeypatch, tie_embeddings):
-    monkeypatch.setattr(bench.train, "timed", lambda fn, device: 1.0)  # one second per weight's three matmuls
+@pytest.mark.parametrize("frozen", [False, True])
+def test_matmul_floor_times_every_linear_layer_once(monkeypatch, tie_embeddings, frozen):
+    monkeypatch.setattr(bench.common, "timed", lambda fn, device: len(fn()))  # a second per matmul
     model = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
                                   tie_embeddings=tie_embeddings))
-    # 7 linears per block (q, k, v, o, gate, up, down) and the output projection, tied or not
-    assert bench.train.linear_matmul_floor_s(model, 8, torch.float32, torch.device("cpu")) == 7 * 3 + 1
+    # 7 linears per block (q, k, v, o, gate, up, down) and the output projection, tied or not; each with its
+    # forward and input gradient, and its weight gradient unless frozen (LoRA's base)
+    floor = bench.common.linear_matmul_floor_s(model, 8, torch.float32, torch.device("cpu"), frozen=frozen)
+    assert floor == (7 * 3 + 1) * (2 if frozen else 3)
 
 
 def test_generate_benchmark_refuses_unknown_models():
