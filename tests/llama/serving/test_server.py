@@ -922,3 +922,15 @@ def test_a_chat_template_gets_the_tools_and_a_returned_call_as_transformers_rend
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert ids == hf.apply_chat_template(dialog, tools=[WRAP], add_generation_prompt=True, tokenize=True,
                                          return_dict=False)
+
+
+def test_the_engine_thread_steps_with_the_threads_it_is_given(tiny_hf_folder, monkeypatch):
+    """``llama.serve`` loads the model with one intra-op thread and gives the engine thread all of them: a thread's
+    count is its own (a new thread starts from the default), so the scheduler sets it where the engine steps."""
+    llm = tiny_llama(tiny_hf_folder, max_batch_size=1)
+    wanted, seen, step = torch.get_num_threads() + 1, [], llm.engine.step
+    monkeypatch.setattr(llm.engine, "step", lambda: (seen.append(torch.get_num_threads()), step())[1])
+    with running_server(llm, threads=wanted) as (url, _):
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=60)
+    assert answer.status_code == 200 and seen and set(seen) == {wanted}
+    assert torch.get_num_threads() == wanted - 1  # this thread's own count is left alone
