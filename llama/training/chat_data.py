@@ -32,8 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from llama.files import atomic_folder
-from llama.training.data import INDEX, TOKENIZER_DIR, ShardError, token_dtype
-from llama.training.shards import SplitWriter, is_validation
+from llama.training.data import ShardError, token_dtype
+from llama.training.shards import SplitWriter, is_validation, write_index
 from tokenizer import load_tokenizer
 from tokenizer.base import Tokenizer
 from tokenizer.chat_format import encode_dialog
@@ -207,24 +207,6 @@ def prepare_chat(inputs: list[str], tokenizer: str, output: str, val_fraction: f
         splits = {split: writer.summary() for split, writer in writers.items()}
         if splits["train"]["documents"] == 0:
             raise ShardError(f"no training rows in {' '.join(map(str, inputs))}")
-        tok.save_pretrained(tmp / TOKENIZER_DIR)
-        index = {
-            "format": kind,
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "fingerprint": tok.fingerprint,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-            "add_bos": tok.add_bos,
-            "tokenizer_source": str(tokenizer),
-            "input_files": len(files),
-            "val_fraction": val_fraction,
-            "last_turn_only": last_turn_only or kind == PREFERENCE,
-            "rows": rows,
-            "boundary_mismatches": mismatches,
-            "tokens": sum(s["tokens"] for s in splits.values()),
-            "documents": sum(s["documents"] for s in splits.values()),
-            "splits": splits,
-        }
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(tmp, tok, tokenizer, len(files), val_fraction, splits, format=kind,
+                    last_turn_only=last_turn_only or kind == PREFERENCE, rows=rows, boundary_mismatches=mismatches)
     return output

@@ -124,24 +124,32 @@ def prepare(inputs: list[str], tokenizer: str, output: str, val_fraction: float 
         splits = {split: writer.summary() for split, writer in writers.items()}
         if splits["train"]["tokens"] == 0:
             raise ShardError(f"no training documents: every input in {' '.join(map(str, inputs))} is empty")
-        tok.save_pretrained(tmp / TOKENIZER_DIR)
-        index = {
-            "dtype": dtype.name,
-            "vocab_size": tok.vocab_size,
-            "fingerprint": tok.fingerprint,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-            "add_bos": tok.add_bos,
-            "tokenizer_source": str(tokenizer),
-            "input_files": len(files),
-            "val_fraction": val_fraction,
-            "tokens": sum(s["tokens"] for s in splits.values()),
-            "documents": sum(s["documents"] for s in splits.values()),
-            "splits": splits,
-        }
+        extra = {}
         if add_tokens:  # the tokens the vocabulary did not have, and their ids
-            index["added_tokens"] = added
+            extra["added_tokens"] = added
         if fim.rate > 0:
-            index["fim"] = {**fim.record(tok), "psm_documents": layouts["psm"], "spm_documents": layouts["spm"]}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # last: its presence marks a complete folder
+            extra["fim"] = {**fim.record(tok), "psm_documents": layouts["psm"], "spm_documents": layouts["spm"]}
+        write_index(tmp, tok, tokenizer, len(files), val_fraction, splits, **extra)
     return output
+
+
+def write_index(folder: Path, tok, tokenizer_source, input_files: int, val_fraction: float, splits: dict, **fields):
+    """A shard folder's tokenizer and ``index.json``: what every shard writer records, then its own ``fields``.
+    The index is written last: its presence marks a complete folder."""
+    tok.save_pretrained(folder / TOKENIZER_DIR)
+    index = {
+        "dtype": token_dtype(tok.vocab_size).name,
+        "vocab_size": tok.vocab_size,
+        "fingerprint": tok.fingerprint,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "add_bos": tok.add_bos,
+        "tokenizer_source": str(tokenizer_source),
+        "input_files": input_files,
+        "val_fraction": val_fraction,
+        **fields,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "documents": sum(s["documents"] for s in splits.values()),
+        "splits": splits,
+    }
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
